@@ -1,0 +1,1 @@
+"""flashstep models package."""

@@ -1,0 +1,96 @@
+"""Every training stage runs on tiny configs and exports a folder that both diffusers and
+flashstep load and sample; `flashstep eval` on it writes every key of the report."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from flashstep.cli import main as flashstep_main
+from models.flashstep_config import FlashstepConfig
+from training.architecture import ShapesArch
+from training.judge import Judge, JudgeTrainConfig, train_judge
+from training.teacher import TeacherTrainConfig, train_teacher
+from training.vae import VAETrainConfig, train_vae
+
+TINY = ShapesArch.tiny()
+
+
+@pytest.fixture(scope="module")
+def tiny_judge(tmp_path_factory):
+    out = tmp_path_factory.mktemp("judge")
+    report = train_judge(JudgeTrainConfig(steps=4, batch_size=16, n_train=64, n_eval=32), out, progress=False)
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    _, vae_report = train_vae(VAETrainConfig(steps=3, batch_size=4, n_train=32, arch=TINY), runs / "vae", progress=False)
+    export = runs / "export"
+    cfg = TeacherTrainConfig(steps=3, batch_size=4, n_train=32, save_every=2, arch=TINY)
+    report = train_teacher(cfg, runs / "vae" / "vae", runs / "teacher", export, progress=False)
+    return export, runs, vae_report, report
+
+
+def test_judge_smoke_trains_and_reloads(tiny_judge):
+    folder, report = tiny_judge
+    assert set(report["accuracy"]) == {"shape", "color", "size", "position", "background"}
+    judge = Judge.load(folder)
+    feats, preds = judge.read(torch.zeros(2, 3, 64, 64))
+    assert feats.shape == (2, judge.config.feature_dim) and np.isfinite(feats).all()
+
+
+def test_vae_and_teacher_losses_are_finite(tiny_teacher):
+    _, _, vae_report, report = tiny_teacher
+    assert math.isfinite(vae_report["final_loss"]) and vae_report["scaling_factor"] > 0
+    assert math.isfinite(report["final_loss"])
+
+
+def test_teacher_training_resumes_from_its_state(tiny_teacher):
+    _, runs, _, _ = tiny_teacher
+    cfg = TeacherTrainConfig(steps=4, batch_size=4, n_train=32, save_every=2, arch=TINY)
+    report = train_teacher(cfg, runs / "vae" / "vae", runs / "teacher", None, progress=False)
+    meta = json.loads((runs / "teacher" / "teacher_report.json").read_text())
+    assert report["steps"] == meta["steps"] == 4
+
+
+def test_export_loads_in_vanilla_diffusers(tiny_teacher):
+    export, *_ = tiny_teacher
+    pipe = StableDiffusionPipeline.from_pretrained(export)
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    cfg = FlashstepConfig.load(export)
+    assert cfg.family == "teacher" and cfg.resolution == 64 and 25 in cfg.allowed_steps
+    assert not list(export.rglob("*.bin")) and list(export.rglob("*.safetensors"))
+
+
+def test_export_generates_through_flashstep(tiny_teacher, tmp_path):
+    export, *_ = tiny_teacher
+    out = tmp_path / "img.png"
+    assert flashstep_main(["generate", "a blue star", "--model", str(export), "--steps", "2", "-o", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (64, 64)
+
+
+def test_eval_writes_every_report_key(tiny_teacher, tiny_judge, tmp_path):
+    from training.evaluate import EvalOptions, evaluate_model
+
+    export, *_ = tiny_teacher
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join([
+        json.dumps({"prompt": "a red circle"}),
+        json.dumps({"prompt": "a purple star"}),
+        json.dumps({"prompt": "a square", "negative_prompt": "blue"}),
+    ]) + "\n")
+    report = evaluate_model(EvalOptions(model=str(export), prompts=prompts, seeds=2, steps=2, judge_dir=tiny_judge[0]))
+    for key in ("adherence", "adherence_heldout", "fd", "diversity", "unet_evals_per_image",
+                "seconds_per_image", "n_images", "negative_efficacy"):
+        assert key in report and report[key] is not None, key
+    assert report["n_images"] == 2 * 2 + 2 * 2  # positives, plus negatives with and without
+    assert report["unet_evals_per_image"] == 4  # 2 steps with CFG
