@@ -1,0 +1,134 @@
+"""A diffusers attention processor that runs `kernels.attention`, and its installer for a UNet.
+
+`FlashstepAttnProcessor` follows diffusers' `AttnProcessor2_0` step for step (spatial norm, 4-D
+hidden states, group norm, cross-attention norm, q/k norms, output projection, residual,
+rescale) and swaps only the attention product for `kernels.attention` with the chosen backend.
+
+Limits: calls that carry an `attention_mask` run SDPA with the mask, because the Triton and
+xformers paths take none (SD UNets pass no mask). Modules with added key/value projections
+(`added_kv_proj_dim`) and processors that own weights (`nn.Module` processors such as IP-Adapter)
+are left alone, as are NASA processors (`is_nasa_processor = True`, from `models/nasa.py`).
+diffusers is imported only inside `install_attention_backend`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from kernels.backends import AttentionBackend, resolve_backend
+from kernels.dispatch import attention
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
+
+logger = logging.getLogger("flashstep.kernels")
+
+
+class FlashstepAttnProcessor:
+    """Attention processor (self- and cross-attention) that runs `kernels.attention` on `backend`."""
+
+    def __init__(self, backend: AttentionBackend) -> None:
+        self.backend = backend
+
+    def __repr__(self) -> str:
+        return f"FlashstepAttnProcessor(backend={self.backend.value!r})"
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # 1. Norms that act before the projections, and the (B, C, H, W) -> (B, HW, C) flattening.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, key_len, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        # 2. Projections: self-attention reads its own states, cross-attention the prompt's.
+        query = attn.to_q(hidden_states)  # (B, Lq, H*D)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)  # (B, Lk, H*D)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, Lq, D)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, Lk, D)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # 3. The attention product on the chosen backend (masked calls need SDPA's mask support).
+        if attention_mask is not None:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, scale=attn.scale
+            )
+        else:
+            hidden_states = attention(query, key, value, backend=self.backend, scale=attn.scale)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        # 4. Output projection, dropout, and the (B, HW, C) -> (B, C, H, W) way back.
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def install_attention_backend(unet: torch.nn.Module, backend: str | AttentionBackend | None = None) -> int:
+    """Give every diffusers `Attention` module in `unet` a processor on `backend`; return how many changed.
+
+    `backend` is resolved once (`resolve_backend`: argument, context, $FLASHSTEP_ATTN_BACKEND,
+    default sdpa; an unavailable one falls back to sdpa with one WARNING). Skipped: NASA
+    processors (`is_nasa_processor`), processors that own weights, modules with added KV
+    projections, and modules already on this backend.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    chosen = resolve_backend(backend)
+    changed = skipped = 0
+    for name, module in unet.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        current = module.processor
+        if getattr(current, "is_nasa_processor", False):
+            skipped += 1
+            continue
+        if isinstance(current, torch.nn.Module) or module.added_kv_proj_dim is not None:
+            logger.info(
+                "attention processor left unchanged: module=%s processor=%s", name, type(current).__name__
+            )
+            skipped += 1
+            continue
+        if isinstance(current, FlashstepAttnProcessor) and current.backend is chosen:
+            continue
+        module.set_processor(FlashstepAttnProcessor(chosen))
+        changed += 1
+    logger.info(
+        "attention backend installed: backend=%s changed=%d skipped=%d", chosen.value, changed, skipped
+    )
+    return changed
