@@ -1,0 +1,126 @@
+"""The app factory: `create_app(settings)` wires the services and routers; the lifespan loads models.
+
+    app = create_app(Settings())          # builds objects only: no weights are read here
+    uvicorn.run(app)                      # lifespan: start loading in a thread; /readyz 503 until warm
+
+Models load in a background thread started by the lifespan, so /healthz answers during a long
+load and /readyz tells a load balancer when to send traffic. On shutdown the batcher runs what
+is queued before the engines close.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+import flashstep
+from server.batcher import Batcher
+from server.errors import ErrorBoundaryMiddleware, install_error_handlers
+from server.generation import GenerationService
+from server.image_store import ImageStore
+from server.lifecycle import Lifecycle, Phase
+from server.metrics import Metrics
+from server.model_manager import EngineLoader, ModelManager, registry_loader
+from server.routes import admin, generate, health, images, playground
+from server.settings import Settings
+
+logger = logging.getLogger("flashstep.server")
+
+
+def startup_models(settings: Settings) -> list[str]:
+    """The models to load at start: the configured list, else every model in the models root."""
+    if settings.models:
+        names = list(settings.models)
+    else:
+        from models import registry  # heavy import (torch, diffusers): only when we need it
+
+        names = sorted(registry.discover(settings.models_root))
+    if settings.default_model and settings.default_model in names:
+        names.remove(settings.default_model)
+        names.insert(0, settings.default_model)  # loaded first, so it serves first
+    return names
+
+
+def load_startup_models(settings: Settings, manager: ModelManager, lifecycle: Lifecycle) -> None:
+    """Load and warm every start-up model, then mark the server ready (or failed, with why)."""
+    lifecycle.set(Phase.LOADING)
+    try:
+        names = startup_models(settings)
+        if not names:
+            raise RuntimeError(f"no models to serve: the models root {settings.models_root or '(shipped)'} holds none")
+        for name in names:
+            manager.load(name)
+        if settings.default_model:
+            manager.set_default(settings.default_model)
+    except Exception as exc:
+        logger.exception("start-up model loading failed")
+        lifecycle.set(Phase.FAILED, error=str(exc))
+        return
+    lifecycle.set(Phase.READY)
+    logger.info("ready: models=%s default=%s", manager.names(), manager.default)
+
+
+def create_app(settings: Settings, *, engine_loader: EngineLoader | None = None) -> FastAPI:
+    """Build the flashstep app. `engine_loader` replaces `models.registry` (tests only)."""
+    metrics = Metrics(settings.max_batch_size)
+    lifecycle = Lifecycle()
+    manager = ModelManager(
+        models_root=Path(settings.models_root) if settings.models_root else None,
+        metrics=metrics,
+        loader=engine_loader or registry_loader,
+        device=settings.device,
+        dtype=settings.dtype,
+        attention_backend=settings.attention_backend,
+        warmup=settings.warmup,
+    )
+    batcher = Batcher(
+        manager,
+        metrics,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        queue_limit=settings.queue_limit,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = threading.Thread(
+            target=load_startup_models, args=(settings, manager, lifecycle), name="flashstep-model-loader", daemon=True
+        )
+        loader.start()
+        yield
+        lifecycle.begin_shutdown()
+        await run_in_threadpool(batcher.stop, settings.graceful_shutdown_s)
+        await run_in_threadpool(manager.close_all)
+        logger.info("shut down")
+
+    app = FastAPI(
+        title="flashstep",
+        version=flashstep.__version__,
+        summary="One-step and few-step text-to-image diffusion, batched.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
+    app.state.manager = manager
+    app.state.batcher = batcher
+    app.state.image_store = ImageStore(settings.image_store_size, settings.image_ttl_s)
+    app.state.generation = GenerationService(manager, batcher, lifecycle, settings.request_timeout_s)
+
+    install_error_handlers(app)
+    app.add_middleware(ErrorBoundaryMiddleware, metrics=metrics)
+    app.include_router(images.router)
+    app.include_router(generate.router)
+    app.include_router(health.router)
+    app.include_router(playground.router)
+    if settings.admin_token is not None:
+        app.include_router(admin.router)
+    else:
+        logger.info("admin routes disabled: no admin token configured")
+    return app

@@ -1,0 +1,70 @@
+"""FastAPI dependencies: the app's service objects (built by `create_app`) and the admin guard."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from server.batcher import Batcher
+from server.errors import AuthenticationError
+from server.generation import GenerationService
+from server.image_store import ImageStore
+from server.lifecycle import Lifecycle
+from server.metrics import Metrics
+from server.model_manager import ModelManager
+from server.settings import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="The server's admin token (FLASHSTEP_ADMIN_TOKEN).")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_manager(request: Request) -> ModelManager:
+    return request.app.state.manager
+
+
+def get_batcher(request: Request) -> Batcher:
+    return request.app.state.batcher
+
+
+def get_generation(request: Request) -> GenerationService:
+    return request.app.state.generation
+
+
+def get_image_store(request: Request) -> ImageStore:
+    return request.app.state.image_store
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_lifecycle(request: Request) -> Lifecycle:
+    return request.app.state.lifecycle
+
+
+def require_admin(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+) -> None:
+    """Pass only `Authorization: Bearer <admin token>` (compared in constant time)."""
+    token = get_settings(request).admin_token
+    given = credentials.credentials if credentials is not None else ""
+    if token is None or not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise AuthenticationError(
+            "admin routes need `Authorization: Bearer <admin token>`", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+# Annotated dependency types (FastAPI's recommended style) for route signatures.
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ManagerDep = Annotated[ModelManager, Depends(get_manager)]
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+GenerationDep = Annotated[GenerationService, Depends(get_generation)]
+ImageStoreDep = Annotated[ImageStore, Depends(get_image_store)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+LifecycleDep = Annotated[Lifecycle, Depends(get_lifecycle)]

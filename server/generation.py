@@ -1,0 +1,199 @@
+"""The generation service both generation routes share: validate, queue, wait, encode.
+
+    route -> GenerationService.generate(model, requests)
+               in a worker thread: lease the model, check size, Engine.validate, Batcher.submit
+               on the event loop: await the futures (timeout, client gone)
+          -> encode_images (worker thread) -> response
+
+Validation and submission happen under one lease, so a hot swap cannot slip between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from models.errors import InvalidRequestError
+from models.outputs import GenerationRequest
+from server.batcher import Batcher, ImageOutcome
+from server.errors import NotReadyError, RequestTimeoutError, ServerError, ShuttingDownError
+from server.lifecycle import Lifecycle, Phase
+from server.model_manager import ModelManager
+from server.schemas import MAX_SEED, GenerationOptions
+
+logger = logging.getLogger("flashstep.server")
+
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+DISCONNECT_POLL_S = 0.25
+# Engine field names -> the names clients send on our routes.
+API_FIELD_NAMES = {"num_inference_steps": "steps"}
+
+
+class ClientGoneError(ServerError):
+    """The client disconnected before its images were ready (nginx's 499; nobody reads it)."""
+
+    status_code = 499
+    error_type = "client_closed_request"
+
+
+def first_seed(seed: int | None, n: int) -> int:
+    """The client's seed, or a random one that leaves room for seeds seed .. seed + n - 1."""
+    if seed is not None:
+        return seed
+    return secrets.randbelow(MAX_SEED - n + 2)
+
+
+def build_requests(prompt: str, options: GenerationOptions, n: int, **size: int | None) -> list[GenerationRequest]:
+    """One `GenerationRequest` per image; image i gets seed + i, so each is reproducible alone."""
+    seed = first_seed(options.seed, n)
+    if seed + n - 1 > MAX_SEED:
+        raise InvalidRequestError("seed", f"`seed` + n - 1 must be at most {MAX_SEED} but is {seed + n - 1}")
+    base = GenerationRequest(
+        prompt=prompt,
+        seed=seed,
+        negative_prompt=options.negative_prompt,
+        num_inference_steps=options.steps,
+        guidance_scale=options.guidance_scale,
+        nasa_alpha=options.nasa_alpha,
+        hybrid=options.hybrid,
+        height=size.get("height"),
+        width=size.get("width"),
+    )
+    return [replace(base, seed=seed + i) for i in range(n)]
+
+
+def encode_image(image: Any, output_format: str, compression: int | None = None) -> bytes:
+    """PNG, JPEG or WebP bytes of a PIL image; `compression` is the quality loss in percent."""
+    buffer = io.BytesIO()
+    if output_format == "png":
+        image.save(buffer, format="PNG")
+    else:
+        quality = 100 - compression if compression is not None else 95
+        image.convert("RGB").save(buffer, format=output_format.upper(), quality=quality)
+    return buffer.getvalue()
+
+
+async def encode_images(outcomes: list[ImageOutcome], output_format: str, compression: int | None) -> list[bytes]:
+    return await run_in_threadpool(lambda: [encode_image(o.image, output_format, compression) for o in outcomes])
+
+
+class GenerationService:
+    """Turns validated API requests into images through the model manager and the batcher."""
+
+    def __init__(self, manager: ModelManager, batcher: Batcher, lifecycle: Lifecycle, request_timeout_s: float):
+        self.manager = manager
+        self.batcher = batcher
+        self.lifecycle = lifecycle
+        self.request_timeout_s = request_timeout_s
+
+    async def generate(
+        self,
+        model: str | None,
+        requests: list[GenerationRequest],
+        http_request: Request,
+        *,
+        check: Callable[[Any], None] | None = None,
+        field_names: dict[str, str] | None = None,
+    ) -> list[ImageOutcome]:
+        """Images for `requests` from `model` (the default when None), in request order.
+
+        `check(engine)` runs first, for route-level checks against the model (e.g. `size`);
+        `field_names` renames engine fields in validation errors to the route's names.
+        """
+        self._refuse_when_not_serving()
+        names = {**API_FIELD_NAMES, **(field_names or {})}
+        futures = await run_in_threadpool(self._submit, model, requests, check, names)
+        return await self._wait(futures, http_request)
+
+    def _refuse_when_not_serving(self) -> None:
+        phase = self.lifecycle.phase
+        if phase is Phase.SHUTTING_DOWN:
+            raise ShuttingDownError("the server is shutting down and takes no new requests")
+        if self.manager.names():
+            return
+        if phase in (Phase.STARTING, Phase.LOADING):
+            raise NotReadyError("models are still loading; retry shortly", headers={"Retry-After": "5"})
+        if phase is Phase.FAILED:
+            raise NotReadyError("no model is serving: start-up loading failed (see GET /readyz)")
+
+    def _submit(self, model, requests, check, names):
+        with self.manager.lease(model) as handle:
+            engine = handle.engine
+            try:
+                if check is not None:
+                    check(engine)
+                validated = [engine.validate(r) for r in requests]
+            except InvalidRequestError as exc:
+                field = names.get(exc.field, exc.field)
+                if field == exc.field:
+                    raise
+                raise InvalidRequestError(field, str(exc)) from exc
+            return self.batcher.submit(handle, requests, validated, self.request_timeout_s)
+
+    async def _wait(self, futures, http_request: Request) -> list[ImageOutcome]:
+        waiting = [asyncio.wrap_future(f) for f in futures]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout_s
+        try:
+            pending = set(waiting)
+            while pending:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise RequestTimeoutError(f"no image after request_timeout_s={self.request_timeout_s:g} s")
+                _, pending = await asyncio.wait(pending, timeout=min(remaining, DISCONNECT_POLL_S))
+                if pending and await http_request.is_disconnected():
+                    logger.info("client gone: dropping %d queued images", len(pending))
+                    raise ClientGoneError("client closed the request")
+        finally:
+            for f in waiting:
+                if not f.done():
+                    f.cancel()  # the batcher skips cancelled items
+        errors = [f.exception() for f in waiting]  # retrieve every one: no "never retrieved" warnings
+        first_error = next((e for e in errors if e is not None), None)
+        if first_error is not None:
+            raise first_error
+        return [f.result() for f in waiting]
+
+
+def timing_headers(outcomes: list[ImageOutcome]) -> dict[str, str]:
+    """How each image was made, as response headers; one comma-separated value per image.
+
+    Also a `Server-Timing` header (per first image) so browser dev tools show the stages.
+    """
+
+    def join(values) -> str:
+        return ", ".join(str(v) for v in values)
+
+    def secs(values) -> str:
+        return join(f"{v:.6f}" for v in values)
+
+    first = outcomes[0]
+    server_timing = ", ".join(
+        f"{stage};dur={seconds * 1000:.3f}"
+        for stage, seconds in (
+            ("queue", first.queue_wait_s),
+            ("encode", first.timings.encode),
+            ("denoise", first.timings.denoise),
+            ("decode", first.timings.decode),
+        )
+    )
+    return {
+        "X-Flashstep-Model": first.model,
+        "X-Flashstep-Model-Version": join(o.model_version for o in outcomes),
+        "X-Flashstep-Seed": join(o.seed for o in outcomes),
+        "X-Flashstep-Batch-Size": join(o.batch_size for o in outcomes),
+        "X-Flashstep-Unet-Evals": join(o.unet_evals for o in outcomes),
+        "X-Flashstep-Queue-Wait": secs(o.queue_wait_s for o in outcomes),
+        "X-Flashstep-Encode-Time": secs(o.timings.encode for o in outcomes),
+        "X-Flashstep-Denoise-Time": secs(o.timings.denoise for o in outcomes),
+        "X-Flashstep-Decode-Time": secs(o.timings.decode for o in outcomes),
+        "Server-Timing": server_timing,
+    }

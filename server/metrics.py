@@ -1,0 +1,70 @@
+"""Prometheus metrics of one app, on its own registry (two apps in one process never collide).
+
+Names follow Prometheus conventions: `_total` counters, `_seconds` histograms, base units.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+# Stage latencies on a CPU toy model sit in milliseconds, a real SD model on a GPU in tenths of
+# seconds, a queue wait under load in seconds: one wide log-spaced set covers all three.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Every size up to 8, then powers of two up to `max_batch_size`."""
+    sizes = set(range(1, min(max_batch_size, 8) + 1))
+    power = 16
+    while power < max_batch_size:
+        sizes.add(power)
+        power *= 2
+    sizes.add(max_batch_size)
+    return tuple(float(s) for s in sorted(sizes))
+
+
+class Metrics:
+    """The server's counters, gauges and histograms, and their text exposition."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, max_batch_size: int):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "flashstep_http_requests_total", "HTTP requests by route template, method and status.",
+            ["route", "method", "status"], registry=r,
+        )
+        self.queue_depth = Gauge("flashstep_queue_depth", "Images waiting for a batch.", registry=r)
+        self.batch_size = Histogram(
+            "flashstep_batch_size", "Images per engine forward pass.",
+            buckets=batch_size_buckets(max_batch_size), registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "flashstep_stage_seconds",
+            "Seconds per stage: queue (per image), encode/denoise/decode/total (per batch).",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.images = Counter("flashstep_images_generated_total", "Images generated, by model.", ["model"], registry=r)
+        self.batch_failures = Counter(
+            "flashstep_batch_failures_total", "Engine calls that raised, by model.", ["model"], registry=r
+        )
+        self.model_loads = Counter(
+            "flashstep_model_loads_total", "Model loads, by result (ok, error, forbidden).", ["result"], registry=r
+        )
+        self.model_swaps = Counter(
+            "flashstep_model_swaps_total", "Hot swaps, by result (ok, error, forbidden).", ["result"], registry=r
+        )
+        self.model_unloads = Counter("flashstep_model_unloads_total", "Models unloaded.", registry=r)
+        self.models_loaded = Gauge("flashstep_models_loaded", "Models currently serving.", registry=r)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,246 @@
+"""Which engines serve which model names: load, unload, set the default, hot-swap.
+
+Every batch runs inside `lease(name)`, which pins the engine then serving `name` and counts it
+in flight. Unload and swap take a name out of service at once but close its engine only when
+its last lease ends, so batches already running finish on the engine they started with:
+
+    swap("shapes-swiftbrush", new_folder)
+      load + warm the new engine            (old one keeps serving meanwhile)
+      switch the name under the lock        (new leases get the new engine)
+      old engine closes when in_flight == 0 (memory freed)
+
+All methods block (loading reads weights, warmup runs the model): call them from a worker
+thread, never from the event loop.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.errors import ForbiddenPathError, ModelNotFoundError
+from server.errors import ModelConflictError
+from server.metrics import Metrics
+
+logger = logging.getLogger("flashstep.server")
+
+# (name_or_path, *, name, models_root, device, dtype) -> Engine
+EngineLoader = Callable[..., Any]
+
+
+def registry_loader(name_or_path: str | Path, *, name: str, models_root: Path | None, **kwargs: Any) -> Any:
+    """Load through `models.registry`, refusing any folder outside the models root (403).
+
+    The registry allows the models root and the shipped models; a bare name the registry does
+    not know would be tried relative to the working directory, so the resolved folder is
+    checked here once more.
+    """
+    # Imported here, not at module top: `models.registry` pulls in torch and diffusers, and the
+    # server's settings and CLI must stay importable (and `--help` fast) without them.
+    from models import registry
+
+    path = registry.resolve(str(name_or_path), models_root, restrict_to_root=True)
+    roots = [registry.SHIPPED_MODELS_DIR, *([Path(models_root).resolve()] if models_root is not None else [])]
+    if not any(path.resolve().is_relative_to(root) for root in roots):
+        raise ForbiddenPathError(f"model folder {str(name_or_path)!r} lies outside the models root {models_root}")
+    return registry.load_engine(str(path), models_root, restrict_to_root=True, name=name, **kwargs)
+
+
+@dataclass
+class LoadedModel:
+    """One engine serving one name. `serial` tells engines apart across swaps of the same name."""
+
+    name: str
+    engine: Any
+    serial: int
+    version: str
+    loaded_at: float
+    in_flight: int = 0
+    retired: bool = False
+
+
+class ModelManager:
+    """The set of served models, safe to use from many threads."""
+
+    def __init__(
+        self,
+        *,
+        models_root: Path | None,
+        metrics: Metrics,
+        loader: EngineLoader = registry_loader,
+        device: str | None = None,
+        dtype: str | None = None,
+        attention_backend: str | None = None,
+        warmup: bool = True,
+    ):
+        self.models_root = models_root
+        self._metrics = metrics
+        self._loader = loader
+        # The engine installs the attention backend itself (its NASA processors need it too).
+        options = {"device": device, "dtype": dtype, "attention_backend": attention_backend}
+        self._load_kwargs = {k: v for k, v in options.items() if v is not None}
+        self._warmup = warmup
+        self._models: dict[str, LoadedModel] = {}
+        self._default: str | None = None
+        self._lock = threading.Lock()  # guards _models, _default and every LoadedModel's counters
+        self._admin_lock = threading.Lock()  # one load/unload/swap at a time
+        self._serials = itertools.count(1)
+
+    # ----- reading -----
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+    @property
+    def default(self) -> str | None:
+        with self._lock:
+            return self._default
+
+    def get(self, name: str | None = None) -> LoadedModel:
+        """The model serving `name` (the default when None); ModelNotFoundError lists the loaded ones."""
+        with self._lock:
+            return self._get_locked(name)
+
+    def snapshot(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    def _get_locked(self, name: str | None) -> LoadedModel:
+        key = self._default if name is None else name
+        if key is None or key not in self._models:
+            loaded = sorted(self._models)
+            if name is None:
+                raise ModelNotFoundError(f"no default model is set; `model` must be one of the loaded models {loaded}")
+            raise ModelNotFoundError(f"`model` must be one of the loaded models {loaded} but is {name!r}")
+        return self._models[key]
+
+    @contextmanager
+    def lease(self, name: str | None) -> Iterator[LoadedModel]:
+        """Pin the engine now serving `name` (the default when None); it stays open until the lease ends."""
+        with self._lock:
+            handle = self._get_locked(name)
+            handle.in_flight += 1
+        try:
+            yield handle
+        finally:
+            with self._lock:
+                handle.in_flight -= 1
+                close = handle.retired and handle.in_flight == 0
+            if close:
+                # Not on the caller's thread: that is a device worker, and closing (gc, cache
+                # release) would stall the batches queued behind it.
+                threading.Thread(target=self._close, args=(handle,), name=f"flashstep-close-{handle.name}").start()
+
+    # ----- changing -----
+
+    def load(self, name_or_path: str | Path, *, name: str | None = None) -> LoadedModel:
+        """Load, warm and start serving a model from the models root under `name`."""
+        name = name or Path(name_or_path).name
+        with self._admin_lock:
+            with self._lock:
+                if name in self._models:
+                    message = f"a model named {name!r} is loaded already; swap it or pick another name"
+                    raise ModelConflictError(message, param="name")
+            handle = self._build(name_or_path, name, self._metrics.model_loads)
+            with self._lock:
+                self._models[name] = handle
+                if self._default is None:
+                    self._default = name
+                self._metrics.models_loaded.set(len(self._models))
+        logger.info("model loaded: name=%s version=%s serial=%d", name, handle.version, handle.serial)
+        return handle
+
+    def swap(self, name: str, name_or_path: str | Path) -> tuple[LoadedModel, LoadedModel]:
+        """Serve `name` from a new folder: load and warm it first, switch, then free the old engine."""
+        with self._admin_lock:
+            old = self.get(name)
+            new = self._build(name_or_path, name, self._metrics.model_swaps)
+            with self._lock:
+                old = self._models[name]
+                self._models[name] = new
+                close = self._retire_locked(old)
+        logger.info("model swapped: name=%s old_version=%s new_version=%s", name, old.version, new.version)
+        if close:
+            self._close(old)
+        return old, new
+
+    def unload(self, name: str) -> LoadedModel:
+        """Stop serving `name`; its engine closes once in-flight batches end."""
+        with self._admin_lock, self._lock:
+            handle = self._get_locked(name)
+            del self._models[name]
+            if self._default == name:
+                self._default = next(iter(self._models), None)
+            close = self._retire_locked(handle)
+            self._metrics.models_loaded.set(len(self._models))
+            self._metrics.model_unloads.inc()
+        if close:
+            self._close(handle)
+        logger.info("model unloaded: name=%s in_flight=%d", name, handle.in_flight)
+        return handle
+
+    def set_default(self, name: str) -> None:
+        with self._lock:
+            self._get_locked(name)
+            self._default = name
+        logger.info("default model set: name=%s", name)
+
+    def close_all(self) -> None:
+        """Unload everything (shutdown). Engines still leased close when their batch ends."""
+        for name in self.names():
+            try:
+                self.unload(name)
+            except ModelNotFoundError:
+                pass
+
+    # ----- internals -----
+
+    def _build(self, name_or_path: str | Path, name: str, counter) -> LoadedModel:
+        engine = None
+        try:
+            engine = self._loader(name_or_path, name=name, models_root=self.models_root, **self._load_kwargs)
+            if self._warmup:
+                engine.warmup()
+        except ForbiddenPathError:
+            counter.labels("forbidden").inc()
+            raise
+        except BaseException:
+            counter.labels("error").inc()
+            if engine is not None:
+                engine.close()
+            raise
+        counter.labels("ok").inc()
+        return LoadedModel(
+            name=name, engine=engine, serial=next(self._serials), version=str(engine.version), loaded_at=time.time()
+        )
+
+    def _retire_locked(self, handle: LoadedModel) -> bool:
+        handle.retired = True
+        return handle.in_flight == 0
+
+    def _close(self, handle: LoadedModel) -> None:
+        try:
+            handle.engine.close()
+        finally:
+            handle.engine = None  # drop our reference so the weights can be collected
+            gc.collect()
+            _empty_device_cache()
+        logger.info("engine closed: name=%s serial=%d", handle.name, handle.serial)
+
+
+def _empty_device_cache() -> None:
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

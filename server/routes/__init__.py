@@ -1,0 +1,1 @@
+"""HTTP routers, one per feature: thin functions over the service objects in `server/`."""

@@ -1,0 +1,92 @@
+"""Admin routes under /admin, behind `Authorization: Bearer <admin token>`.
+
+Mounted only when the server has an admin token. Loading, swapping and unloading block
+(weights, warmup), so they run in a worker thread; generation keeps going meanwhile.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, status
+from starlette.concurrency import run_in_threadpool
+
+from models.errors import ModelNotFoundError
+from server.dependencies import ManagerDep, require_admin
+from server.model_manager import LoadedModel
+from server.schemas import (
+    AdminModel,
+    AdminModelList,
+    LoadModelRequest,
+    SetDefaultRequest,
+    SwapModelRequest,
+    SwapResponse,
+    UnloadResponse,
+)
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+def _describe(handle: LoadedModel, default: str | None) -> AdminModel:
+    """`handle` as the admin sees it; call it under a lease (which it leaves out of `in_flight`)."""
+    engine = handle.engine
+    return AdminModel(
+        name=handle.name,
+        path=str(engine.path),
+        family=engine.family,
+        version=str(engine.version),
+        device=str(engine.device),
+        dtype=str(engine.dtype).removeprefix("torch."),
+        memory_bytes=int(engine.memory_bytes()),
+        in_flight=handle.in_flight - 1,
+        default=handle.name == default,
+        loaded_at=handle.loaded_at,
+    )
+
+
+@router.get("/models", response_model=AdminModelList, summary="Loaded models with their memory use")
+async def list_models(manager: ManagerDep) -> AdminModelList:
+    def collect() -> AdminModelList:
+        default = manager.default
+        models = []
+        for name in manager.names():
+            try:
+                with manager.lease(name) as handle:  # pinned: not closed while we read it
+                    models.append(_describe(handle, default))
+            except ModelNotFoundError:  # unloaded meanwhile
+                continue
+        return AdminModelList(default=default, models=models)
+
+    return await run_in_threadpool(collect)
+
+
+@router.post(
+    "/models", response_model=AdminModel, status_code=status.HTTP_201_CREATED, summary="Load a model from the models root"
+)
+async def load_model(body: LoadModelRequest, manager: ManagerDep) -> AdminModel:
+    """Load, warm and serve `path` (a folder under the models root) as `name`. 403 outside the root."""
+
+    def load() -> AdminModel:
+        handle = manager.load(body.path, name=body.name)
+        with manager.lease(handle.name) as pinned:
+            return _describe(pinned, manager.default)
+
+    return await run_in_threadpool(load)
+
+
+@router.delete("/models/{name}", response_model=UnloadResponse, summary="Unload a model and free its memory")
+async def unload_model(name: str, manager: ManagerDep) -> UnloadResponse:
+    """Stop serving `name` now; its memory is freed when its in-flight batches end."""
+    await run_in_threadpool(manager.unload, name)
+    return UnloadResponse(name=name, default=manager.default)
+
+
+@router.post("/models/{name}/swap", response_model=SwapResponse, summary="Hot-swap a model to a new folder")
+async def swap_model(name: str, body: SwapModelRequest, manager: ManagerDep) -> SwapResponse:
+    """Load and warm `path`, switch `name` to it atomically, free the old engine after its batches."""
+    old, new = await run_in_threadpool(manager.swap, name, body.path)
+    return SwapResponse(name=name, old_version=old.version, new_version=new.version)
+
+
+@router.put("/default", response_model=AdminModelList, summary="Set the default model")
+async def set_default(body: SetDefaultRequest, manager: ManagerDep) -> AdminModelList:
+    manager.set_default(body.model)
+    return await list_models(manager)

@@ -1,0 +1,128 @@
+"""OpenAI-compatible routes: POST /v1/images/generations, GET /v1/images/{id}, GET /v1/models."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from models.errors import InvalidRequestError
+from server.dependencies import GenerationDep, ImageStoreDep, ManagerDep
+from server.errors import error_body
+from server.generation import MEDIA_TYPES, build_requests, encode_images, timing_headers
+from server.schemas import (
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    parse_size,
+)
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+def model_sizes(engine) -> list[str]:
+    """The sizes a request may ask of `engine`, native first."""
+    return [f"{side}x{side}" for side in engine.config.resolutions]
+
+
+def _check_size(size: str):
+    def check(engine) -> None:
+        allowed = model_sizes(engine)
+        if size != "auto" and size not in allowed:
+            raise InvalidRequestError(
+                "size", f"`size` must be one of {allowed} or 'auto' for model {engine.name!r} but is {size!r}"
+            )
+
+    return check
+
+
+@router.post(
+    "/images/generations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    summary="Create images (OpenAI Images API)",
+)
+async def create_images(
+    body: ImageGenerationRequest,
+    request: Request,
+    response: Response,
+    service: GenerationDep,
+    store: ImageStoreDep,
+) -> ImagesResponse:
+    """Generate `n` images for `prompt`; flashstep's options (seed, steps, ...) go in the same body."""
+    dims = parse_size(body.size)
+    width, height = dims if dims else (None, None)
+    requests = build_requests(body.prompt, body, body.n, height=height, width=width)
+    outcomes = await service.generate(
+        body.model,
+        requests,
+        request,
+        check=_check_size(body.size),
+        field_names={"height": "size", "width": "size"},
+    )
+    encoded = await encode_images(outcomes, body.output_format, body.output_compression)
+    data = []
+    for outcome, blob in zip(outcomes, encoded, strict=True):
+        item = ImageData(revised_prompt=body.prompt, seed=outcome.seed)
+        if body.response_format == "url":
+            image_id = store.put(blob, MEDIA_TYPES[body.output_format])
+            item.url = str(request.url_for("get_image", image_id=image_id))
+        else:
+            item.b64_json = base64.b64encode(blob).decode("ascii")
+        data.append(item)
+    response.headers.update(timing_headers(outcomes))
+    side = outcomes[0].image.size
+    return ImagesResponse(
+        created=int(time.time()),
+        data=data,
+        output_format=body.output_format,
+        size=f"{side[0]}x{side[1]}",
+        model=outcomes[0].model,
+    )
+
+
+@router.get(
+    "/images/{image_id}",
+    name="get_image",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, 404: {}},
+    summary="Fetch an image made with response_format=url",
+)
+async def get_image(image_id: str, store: ImageStoreDep) -> Response:
+    """The image bytes while the url is valid (see `image_ttl_s`); 404 once expired or evicted."""
+    stored = store.get(image_id)
+    if stored is None:
+        return JSONResponse(
+            error_body(f"image {image_id!r} does not exist or has expired", "not_found_error", "image_id"),
+            status_code=404,
+        )
+    return Response(stored.data, media_type=stored.media_type, headers={"Cache-Control": "private, max-age=60"})
+
+
+@router.get("/models", response_model=ModelList, summary="List loaded models (OpenAI format)")
+async def list_models(manager: ManagerDep) -> ModelList:
+    default = manager.default
+    cards = []
+    for handle in manager.snapshot():
+        engine = handle.engine
+        if engine is None:  # closed between snapshot and now
+            continue
+        config = engine.config
+        cards.append(
+            ModelCard(
+                id=handle.name,
+                created=int(handle.loaded_at),
+                family=engine.family,
+                version=str(engine.version),
+                default=handle.name == default,
+                sizes=model_sizes(engine),
+                allowed_steps=list(config.allowed_steps),
+                default_steps=config.default_steps,
+                default_guidance_scale=config.default_guidance_scale,
+            )
+        )
+    return ModelList(data=cards)

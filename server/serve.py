@@ -1,0 +1,101 @@
+"""`flashstep serve` / `python -m server`: parse the serve flags, build the app, run uvicorn.
+
+Flags override FLASHSTEP_* environment variables, which override the defaults in `Settings`.
+On SIGTERM (or Ctrl-C) the server stops taking work (503, /readyz 503), lets in-flight requests
+finish for up to --graceful-shutdown-s, then closes the models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from server.lifecycle import Lifecycle
+from server.settings import Settings
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The serve flags; every default is None so that unset flags fall back to the environment."""
+    add = parser.add_argument
+    add("--host", help="interface to bind (default 127.0.0.1; 0.0.0.0 only in a container)")
+    add("--port", type=int, help="TCP port (default 8000; 0 picks a free one)")
+    add("--models-root", type=Path, help="the only folder checkpoints may load from (default: shipped models)")
+    add("--models", help="comma-separated model names to load at start (default: every one in the root)")
+    add("--default-model", help="model for requests that name none (default: the first loaded)")
+    add("--max-batch-size", type=int, help="most images per forward pass (default 8)")
+    add("--max-wait-ms", type=float, help="longest a request waits for its batch to fill (default 10)")
+    add("--queue-limit", type=int, help="most images waiting; past it, 429 (default 256)")
+    add("--request-timeout-s", type=float, help="504 after this many seconds (default 120)")
+    add("--admin-token", help="enables /admin (prefer FLASHSTEP_ADMIN_TOKEN: flags show in `ps`)")
+    add("--attention-backend", help="sdpa, triton, xformers or math (default: kernels' choice)")
+    add("--device", help="torch device, e.g. cuda:0 (default: CUDA when available, else CPU)")
+    add("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype (default: per device)")
+    add("--warmup", action=argparse.BooleanOptionalAction, default=None, help="warm each model before ready")
+    add("--graceful-shutdown-s", type=float, help="on SIGTERM, time in-flight requests get (default 60)")
+    add("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashstep serve", description="Serve flashstep models over HTTP (OpenAI-compatible and native)."
+    )
+    return add_serve_arguments(parser)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with every flag that was given on top."""
+    return Settings(**{key: value for key, value in vars(args).items() if value is not None})
+
+
+class FlashstepServer(uvicorn.Server):
+    """uvicorn's server, telling the app when a shutdown signal arrives.
+
+    uvicorn runs the lifespan shutdown only after connections drain; marking the lifecycle at
+    the signal makes new work get 503 (and /readyz 503) while in-flight requests finish.
+    """
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle):
+        super().__init__(config)
+        self.lifecycle = lifecycle
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.lifecycle.begin_shutdown()
+        super().handle_exit(sig, frame)
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """Entry point of `flashstep serve` and `python -m server`; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+
+    from server.app import create_app  # after logging is set up; pulls in torch
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+        log_config=None,  # keep the root logger's format (set above) for uvicorn's loggers too
+    )
+    FlashstepServer(config, app.state.lifecycle).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve_main())

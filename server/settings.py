@@ -1,0 +1,72 @@
+"""Server settings: FLASHSTEP_* environment variables, overridden by `flashstep serve` flags.
+
+`Settings` is read once (in `serve_main`, or by the caller of `create_app`) and injected into
+the app; nothing else in `server/` reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told at start.
+
+    Lists (`models`) may be given comma-separated: FLASHSTEP_MODELS=shapes-swiftbrush,shapes-teacher.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FLASHSTEP_", extra="forbid", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 only inside a container.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one (tests).")
+    models_root: Path | None = Field(
+        None,
+        description="The only folder checkpoints may load from (besides the shipped models). Default: none.",
+    )
+    models: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Model names to load at start. Default: every shipped model and every one in models_root."
+    )
+    default_model: str | None = Field(None, description="Model used when a request names none. Default: the first loaded.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most images one forward pass may carry.")
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="Longest a request waits for a batch to fill.")
+    queue_limit: int = Field(256, ge=1, description="Most images waiting for a batch; past it, 429.")
+    request_timeout_s: float = Field(120.0, gt=0, description="A request still waiting after this gets 504.")
+    admin_token: SecretStr | None = Field(None, description="Bearer token of the /admin routes; unset disables them.")
+    attention_backend: str | None = Field(None, description="kernels attention backend (sdpa, triton, xformers, math).")
+    device: str | None = Field(None, description="torch device for every model, e.g. cuda:0. Default: the engine's choice.")
+    dtype: Dtype | None = Field(None, description="Weights dtype. Default: the engine's choice for the device.")
+    warmup: bool = Field(True, description="Run one generation per model before reporting ready.")
+    image_store_size: int = Field(256, ge=1, description="Most images kept for response_format=url.")
+    image_ttl_s: float = Field(600.0, gt=0, description="Seconds an image stays fetchable at its url.")
+    graceful_shutdown_s: float = Field(60.0, ge=0, description="On SIGTERM, how long in-flight requests may take.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()] or None
+        return value
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_backend(cls, value: str | None) -> str | None:
+        try:
+            from kernels import AttentionBackend  # light: loads neither triton nor xformers
+        except ImportError:
+            return value  # no kernels package: the engine decides what the name means
+        known = [b.value for b in AttentionBackend]
+        if value is not None and value not in known:
+            raise ValueError(f"`attention_backend` must be one of {known} but is {value!r}")
+        return value
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: object) -> object:
+        return None if value == "" else value
