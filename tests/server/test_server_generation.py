@@ -165,11 +165,6 @@ def test_invalid_json_is_a_422_not_a_500(client):
     assert response.status_code == 422 and "JSON" in response.json()["error"]["message"]
 
 
-@pytest.mark.xfail(
-    reason="engine gap: Engine.validate accepts a negative prompt that no guidance uses "
-    "(nasa_alpha=0 on a family without CFG) and silently ignores it",
-    strict=False,
-)
 def test_a_negative_prompt_the_family_cannot_use_is_refused(client):
     body = {"prompt": "a circle", "model": "swift", "negative_prompt": "red", "nasa_alpha": 0}
     response = client.post("/generate", json=body)
