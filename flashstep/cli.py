@@ -95,10 +95,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = JudgeTrainConfig(steps=args.steps or JudgeTrainConfig.steps)
         report = train_judge(cfg, args.out or JUDGE_DIR)
     elif args.stage == "vae":
-        from training.vae import VAETrainConfig, train_vae
+        from training.vae import train_vae_recipe, vae_recipe
 
-        cfg = VAETrainConfig(steps=args.steps or VAETrainConfig.steps, arch=arch)
-        _, report = train_vae(cfg, runs / "vae")
+        _, report = train_vae_recipe(runs / "vae", *vae_recipe(args.steps, arch))
     elif args.stage == "teacher":
         from models.registry import SHIPPED_MODELS_DIR
         from training.teacher import TeacherTrainConfig, train_teacher

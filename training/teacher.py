@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm import tqdm
+from transformers import CLIPTokenizer
 
 from models.flashstep_config import FlashstepConfig
 from training.architecture import ShapesArch, build_text_encoder, build_unet
@@ -35,8 +36,8 @@ TEACHER_STEPS = (1, 2, 4, 8, 10, 15, 20, 25, 30, 40, 50)
 
 @dataclass(frozen=True)
 class TeacherTrainConfig:
-    steps: int = 6000
-    batch_size: int = 96
+    steps: int = 5000
+    batch_size: int = 64
     lr: float = 6e-4
     warmup: int = 200
     ema_decay: float = 0.999
@@ -72,6 +73,13 @@ def captions_for_labels(labels: np.ndarray, rng: np.random.Generator, dropout: f
     return captions
 
 
+def load_or_build_tokenizer(folder: Path, max_length: int) -> CLIPTokenizer:
+    """The run's own tokenizer when it has one (ids must match its text encoder), else a new one."""
+    if (folder / "tokenizer.json").exists():
+        return CLIPTokenizer.from_pretrained(folder)
+    return build_tokenizer(folder, model_max_length=max_length)
+
+
 def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights for epsilon prediction: min(SNR, gamma) / SNR."""
     abar = alphas_cumprod[t]
@@ -93,7 +101,7 @@ def train_teacher(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval().requires_grad_(False)
-    tokenizer = build_tokenizer(run_dir / "tokenizer", model_max_length=cfg.arch.text_max_length)
+    tokenizer = load_or_build_tokenizer(run_dir / "tokenizer", cfg.arch.text_max_length)
     text_encoder = build_text_encoder(cfg.arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     unet = build_unet(cfg.arch)
     model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
@@ -143,7 +151,43 @@ def train_teacher(
     return report
 
 
-def export_teacher(model: torch.nn.ModuleDict, vae, tokenizer, cfg: TeacherTrainConfig, export_dir, seconds: float) -> Path:
+def export_teacher_run(run_dir: str | Path, vae_dir: str | Path, export_dir: str | Path) -> Path:
+    """Export the EMA weights held in a teacher run's training state, with the VAE in `vae_dir`.
+
+    Used when the VAE's decoder was fine-tuned after the teacher started (its encoder, hence the
+    latent space and scaling factor, unchanged): the export pairs the UNet with the best decoder.
+    """
+    from safetensors import safe_open
+
+    from training.checkpointing import TRAIN_STATE
+
+    run_dir = Path(run_dir)
+    with safe_open(str(run_dir / TRAIN_STATE), framework="pt") as f:
+        meta = f.metadata()
+    data = json.loads(meta["config"])
+    data["arch"] = ShapesArch.from_dict(data["arch"])
+    cfg = TeacherTrainConfig(**data)
+    tokenizer = load_or_build_tokenizer(run_dir / "tokenizer", cfg.arch.text_max_length)
+    text_encoder = build_text_encoder(cfg.arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model = torch.nn.ModuleDict({"unet": build_unet(cfg.arch), "text_encoder": text_encoder})
+    ema = torch.nn.ModuleDict({"unet": build_unet(cfg.arch), "text_encoder": build_text_encoder(
+        cfg.arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)})
+    step = load_train_state(run_dir, {"model": model, "ema": ema}, {})
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
+    report_path = run_dir / "teacher_report.json"
+    seconds = json.loads(report_path.read_text())["seconds"] if report_path.exists() else None
+    return export_teacher(ema.eval(), vae, tokenizer, cfg, export_dir, seconds=seconds, steps_done=step)
+
+
+def export_teacher(
+    model: torch.nn.ModuleDict,
+    vae,
+    tokenizer,
+    cfg: TeacherTrainConfig,
+    export_dir,
+    seconds: float | None,
+    steps_done: int | None = None,
+) -> Path:
     config = FlashstepConfig(
         family="teacher",
         default_steps=25,
@@ -154,9 +198,9 @@ def export_teacher(model: torch.nn.ModuleDict, vae, tokenizer, cfg: TeacherTrain
         resolution=cfg.arch.image_size,
         provenance={
             "recipe": "epsilon-mse+min-snr",
-            "steps": cfg.steps,
+            "steps": cfg.steps if steps_done is None else steps_done,
             "batch_size": cfg.batch_size,
-            "train_seconds": round(seconds),
+            "train_seconds": None if seconds is None else round(seconds),
             "hardware": "2-core CPU",
             "commit": git_commit(),
             "arch": cfg.arch.to_dict(),

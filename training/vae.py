@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
@@ -32,6 +31,9 @@ class VAETrainConfig:
     lr: float = 1e-3
     kl_weight: float = 1e-6
     object_weight: float = 10.0
+    # Decoder-only fine-tuning (as SD's ft-MSE decoder): the encoder, hence the latent space the
+    # UNet was trained on, stays bit-identical while the decoder keeps improving.
+    decoder_only: bool = False
     n_train: int = 30000
     seed: int = 2000
     save_every: int = 250
@@ -51,9 +53,15 @@ def object_weights(x: torch.Tensor, object_weight: float) -> torch.Tensor:
 
 
 def vae_loss(
-    vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, object_weight: float = 1.0, gen: torch.Generator | None = None
+    vae: AutoencoderKL,
+    x: torch.Tensor,
+    kl_weight: float,
+    object_weight: float = 1.0,
+    gen: torch.Generator | None = None,
+    decoder_only: bool = False,
 ) -> torch.Tensor:
-    posterior = vae.encode(x).latent_dist
+    with torch.set_grad_enabled(not decoder_only and torch.is_grad_enabled()):
+        posterior = vae.encode(x).latent_dist
     z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
     recon = vae.decode(z).sample
     w = object_weights(x, object_weight)
@@ -69,16 +77,25 @@ def latent_scaling_factor(vae: AutoencoderKL, x: torch.Tensor) -> float:
     return float(1.0 / vae.encode(x).latent_dist.mean.std())
 
 
-def train_vae(cfg: VAETrainConfig, run_dir: str | Path, progress: bool = True) -> tuple[AutoencoderKL, dict]:
-    """Train (resuming from `run_dir` when it holds state); return the VAE and a report."""
+def train_vae(
+    cfg: VAETrainConfig, run_dir: str | Path, progress: bool = True, init_from: str | Path | None = None
+) -> tuple[AutoencoderKL, dict]:
+    """Train (resuming from `run_dir` when it holds state, else starting from the weights of the
+    run in `init_from` when given); return the VAE and a report."""
     t0 = time.time()
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = render_dataset(cfg.n_train, cfg.seed, progress=progress)
     vae = build_vae(cfg.arch)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start = load_train_state(run_dir, {"vae": vae}, {"vae": opt}) or 0
+    if cfg.decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    start = load_train_state(run_dir, {"vae": vae}, {"vae": opt})
+    if start is None and init_from is not None:
+        load_train_state(init_from, {"vae": vae}, {})
+    start = start or 0
     rng = np.random.default_rng(cfg.seed + start)
     bar = tqdm(range(start, cfg.steps), desc="vae", disable=not progress, mininterval=5.0, initial=start, total=cfg.steps)
     loss = torch.tensor(float("nan"))
@@ -87,17 +104,22 @@ def train_vae(cfg: VAETrainConfig, run_dir: str | Path, progress: bool = True) -
         for group in opt.param_groups:
             group["lr"] = lr
         x, _, _ = data.batch(rng.integers(0, len(data), cfg.batch_size))
-        loss = vae_loss(vae, x, cfg.kl_weight, cfg.object_weight, gen)
+        loss = vae_loss(vae, x, cfg.kl_weight, cfg.object_weight, gen, cfg.decoder_only)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_train_state(run_dir, step + 1, {"vae": vae}, {"vae": opt}, _jsonable(cfg))
     vae.eval()
     x, _, _ = data.batch(np.arange(min(512, len(data))))
-    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, x))
+    inherited = Path(init_from or "", "vae", "config.json")
+    if cfg.decoder_only and inherited.is_file():
+        # Same encoder, same latent space: keep the factor the UNet was trained with, bit for bit.
+        vae.register_to_config(scaling_factor=json.loads(inherited.read_text())["scaling_factor"])
+    else:
+        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, x))
     with torch.no_grad():
         recon = vae.decode(vae.encode(x[:256]).latent_dist.mean).sample.clamp(-1, 1)
     report = {
@@ -109,6 +131,32 @@ def train_vae(cfg: VAETrainConfig, run_dir: str | Path, progress: bool = True) -
     }
     (run_dir / "vae_report.json").write_text(json.dumps(report, indent=2) + "\n")
     vae.save_pretrained(run_dir / "vae")
+    return vae, report
+
+
+def vae_recipe(steps: int | None = None, arch: ShapesArch = ShapesArch()) -> tuple[VAETrainConfig, VAETrainConfig]:
+    """The two phases that made the shipped VAE: joint training, then decoder-only fine-tuning.
+
+    Phase one fixes the latent space early (800 steps), so the teacher can start on it while
+    phase two keeps sharpening the decoder; `steps` scales both (smoke runs).
+    """
+    joint = VAETrainConfig(steps=800, arch=arch, save_every=50)
+    decoder = VAETrainConfig(steps=3000, lr=4e-4, decoder_only=True, n_train=40000, arch=arch, save_every=100)
+    if steps is not None:
+        joint = replace(joint, steps=max(1, steps // 4), n_train=min(joint.n_train, 64 * steps))
+        decoder = replace(decoder, steps=max(1, steps - steps // 4), n_train=min(decoder.n_train, 64 * steps))
+    return joint, decoder
+
+
+def train_vae_recipe(
+    run_dir: str | Path, joint: VAETrainConfig, decoder: VAETrainConfig, progress: bool = True
+) -> tuple[AutoencoderKL, dict]:
+    """Phase one in `run_dir/joint`, phase two in `run_dir/decoder`; the VAE lands in `run_dir/vae`."""
+    run_dir = Path(run_dir)
+    _, joint_report = train_vae(joint, run_dir / "joint", progress)
+    vae, report = train_vae(decoder, run_dir / "decoder", progress, init_from=run_dir / "joint")
+    vae.save_pretrained(run_dir / "vae")
+    report = {**report, "seconds": joint_report["seconds"] + report["seconds"], "joint": joint_report}
     return vae, report
 
 

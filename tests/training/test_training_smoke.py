@@ -94,3 +94,17 @@ def test_eval_writes_every_report_key(tiny_teacher, tiny_judge, tmp_path):
         assert key in report and report[key] is not None, key
     assert report["n_images"] == 2 * 2 + 2 * 2  # positives, plus negatives with and without
     assert report["unet_evals_per_image"] == 4  # 2 steps with CFG
+
+
+def test_cli_runs_the_two_phase_vae_recipe(tmp_path):
+    assert flashstep_main(["train", "vae", "--tiny", "--steps", "4", "--runs", str(tmp_path)]) == 0
+    assert (tmp_path / "vae" / "joint" / "train_state.safetensors").exists()
+    assert (tmp_path / "vae" / "decoder" / "train_state.safetensors").exists()
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae" / "vae")
+    joint = AutoencoderKL.from_pretrained(tmp_path / "vae" / "joint" / "vae")
+    # Phase two trains the decoder only: the latent space the teacher learns on is unchanged.
+    for a, b in zip(vae.encoder.parameters(), joint.encoder.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(vae.decoder.parameters(), joint.decoder.parameters(), strict=True))
