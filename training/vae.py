@@ -134,12 +134,13 @@ def train_vae(
     return vae, report
 
 
-def vae_recipe(steps: int | None = None, arch: ShapesArch = ShapesArch()) -> tuple[VAETrainConfig, VAETrainConfig]:
+def vae_recipe(steps: int | None = None, arch: ShapesArch | None = None) -> tuple[VAETrainConfig, VAETrainConfig]:
     """The two phases that made the shipped VAE: joint training, then decoder-only fine-tuning.
 
     Phase one fixes the latent space early (800 steps), so the teacher can start on it while
     phase two keeps sharpening the decoder; `steps` scales both (smoke runs).
     """
+    arch = arch or ShapesArch()
     joint = VAETrainConfig(steps=800, arch=arch, save_every=50)
     decoder = VAETrainConfig(steps=3000, lr=4e-4, decoder_only=True, n_train=40000, arch=arch, save_every=100)
     if steps is not None:
