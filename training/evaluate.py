@@ -167,7 +167,8 @@ def evaluate_model(opts: EvalOptions, engine=None) -> dict:
 def print_report(report: dict) -> None:
     keys = [
         "model", "family", "steps", "guidance_scale", "hybrid", "n_images", "seeds_per_prompt",
-        "adherence", "adherence_heldout", "fd", "diversity", "negative_efficacy", "negative_adherence",
+        "adherence", "adherence_heldout", "fd", "diversity", "negative_efficacy",
+        "negative_efficacy_without_negative", "negative_adherence",
         "negative_adherence_without_negative", "unet_evals_per_image", "seconds_per_image",
     ]  # fmt: skip
     width = max(len(k) for k in keys)
