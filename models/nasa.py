@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels.processors import attention_epilogue, attention_prologue
 
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
@@ -66,8 +67,9 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 class NasaAttnProcessor:
     """Cross-attention processor: plain attention, or NASA inside a `nasa_context`.
 
-    Follows diffusers' `AttnProcessor2_0` step for step and runs the attention product through
-    `kernels.attention` / `kernels.nasa_attention` (fused Triton kernel when that backend is chosen).
+    Follows diffusers' `AttnProcessor2_0` step for step (`kernels.processors.attention_prologue` /
+    `attention_epilogue`) and runs the attention product through `kernels.attention` /
+    `kernels.nasa_attention` (fused Triton kernel when that backend is chosen).
     """
 
     is_nasa_processor = True  # kernels.install_attention_backend leaves these alone
@@ -86,55 +88,24 @@ class NasaAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # 1. Norms before the projections, and (B, C, H, W) -> (B, HW, C).
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        # 2. Projections; the negative prompt goes through the same to_k / to_v.
         nasa = _NASA_INPUTS.get()
         cross = encoder_hidden_states is not None
-        if not cross:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query = _heads(attn.to_q(hidden_states), attn.heads)  # (B, H, Lq, D)
-        key = _heads(attn.to_k(encoder_hidden_states), attn.heads)  # (B, H, Lk, D)
-        value = _heads(attn.to_v(encoder_hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        if attention_mask is not None and nasa is not None and cross:
+            raise ValueError("NASA attention takes no attention mask; SD UNets pass none")
+        # The negative prompt goes through the same to_k / to_v, in `_nasa`.
+        inputs = attention_prologue(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        query, key, value = inputs.query, inputs.key, inputs.value  # (B, H, L, D)
 
-        # 3. The attention product: NASA where a row has alpha > 0, plain attention elsewhere.
-        if attention_mask is not None:
-            if nasa is not None and cross:
-                raise ValueError("NASA attention takes no attention mask; SD UNets pass none")
-            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch_size)
-            mask = mask.view(batch_size, attn.heads, -1, mask.shape[-1])
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
+        # The attention product: NASA where a row has alpha > 0, plain attention elsewhere.
+        if inputs.attention_mask is not None:
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=inputs.attention_mask, scale=attn.scale
+            )
         elif nasa is None or not cross or not any(nasa.alphas):
-            hidden_states = kernels.attention(query, key, value, backend=self.backend, scale=attn.scale)
+            out = kernels.attention(query, key, value, backend=self.backend, scale=attn.scale)
         else:
-            hidden_states = self._nasa(attn, query, key, value, nasa)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * query.shape[-1])
-        hidden_states = hidden_states.to(query.dtype)
-
-        # 4. Output projection, dropout, and (B, HW, C) -> (B, C, H, W).
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+            out = self._nasa(attn, query, key, value, nasa)
+        return attention_epilogue(attn, out, inputs)
 
     def _nasa(
         self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, nasa: NasaInputs
