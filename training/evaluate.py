@@ -110,6 +110,7 @@ def evaluate_model(opts: EvalOptions, engine=None) -> dict:
     feats, preds = judge.read(images_to_tensor(images))
     judged = [judged_attributes(preds, i) for i in range(len(images))]
     n_pos, n_neg = len(requests), len(neg_requests)
+    resolved = engine.validate((requests or neg_requests)[0])  # the defaults the model filled in
     report: dict = {
         "model": engine.name,
         "family": engine.family,
@@ -117,8 +118,8 @@ def evaluate_model(opts: EvalOptions, engine=None) -> dict:
         "n_prompts": len(specs),
         "seeds_per_prompt": opts.seeds,
         "n_images": len(images),
-        "steps": engine.validate(requests[0] if requests else neg_requests[0]).num_inference_steps,
-        "guidance_scale": engine.validate(requests[0] if requests else neg_requests[0]).guidance_scale,
+        "steps": resolved.num_inference_steps,
+        "guidance_scale": resolved.guidance_scale,
         "hybrid": opts.hybrid,
         "unet_evals_per_image": evals,
         "seconds_per_image": seconds / max(1, len(images)),

@@ -73,6 +73,12 @@ def captions_for_labels(labels: np.ndarray, rng: np.random.Generator, dropout: f
     return captions
 
 
+def build_teacher_modules(arch: ShapesArch, tokenizer: CLIPTokenizer) -> torch.nn.ModuleDict:
+    """The trained pair, UNet and text encoder, as one module (one optimizer, one EMA)."""
+    text_encoder = build_text_encoder(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return torch.nn.ModuleDict({"unet": build_unet(arch), "text_encoder": text_encoder})
+
+
 def load_or_build_tokenizer(folder: Path, max_length: int) -> CLIPTokenizer:
     """The run's own tokenizer when it has one (ids must match its text encoder), else a new one."""
     if (folder / "tokenizer.json").exists():
@@ -102,9 +108,8 @@ def train_teacher(
     gen = torch.Generator().manual_seed(cfg.seed)
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval().requires_grad_(False)
     tokenizer = load_or_build_tokenizer(run_dir / "tokenizer", cfg.arch.text_max_length)
-    text_encoder = build_text_encoder(cfg.arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    unet = build_unet(cfg.arch)
-    model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    model = build_teacher_modules(cfg.arch, tokenizer)
+    unet, text_encoder = model["unet"], model["text_encoder"]
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-2)
     start = load_train_state(run_dir, {"model": model, "ema": ema.module}, {"model": opt}) or 0
@@ -168,11 +173,8 @@ def export_teacher_run(run_dir: str | Path, vae_dir: str | Path, export_dir: str
     data["arch"] = ShapesArch.from_dict(data["arch"])
     cfg = TeacherTrainConfig(**data)
     tokenizer = load_or_build_tokenizer(run_dir / "tokenizer", cfg.arch.text_max_length)
-    text_encoder = build_text_encoder(cfg.arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    model = torch.nn.ModuleDict({"unet": build_unet(cfg.arch), "text_encoder": text_encoder})
-    ema = torch.nn.ModuleDict({"unet": build_unet(cfg.arch), "text_encoder": build_text_encoder(
-        cfg.arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)})
-    step = load_train_state(run_dir, {"model": model, "ema": ema}, {})
+    ema = build_teacher_modules(cfg.arch, tokenizer)
+    step = load_train_state(run_dir, {"ema": ema}, {})  # only the EMA weights are exported
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
     report_path = run_dir / "teacher_report.json"
     seconds = json.loads(report_path.read_text())["seconds"] if report_path.exists() else None
