@@ -1,0 +1,27 @@
+"""Fixtures the distillation tests share: a tiny random teacher folder and an untrained judge.
+
+The teacher is random (tests check the machinery, not quality), exported exactly as a real
+teacher is, so every recipe loads it through the same `load_teacher` path as the shipped one.
+"""
+
+import pytest
+import torch
+
+from models.flashstep_config import FlashstepConfig
+from training.architecture import ShapesArch
+from training.export import export_random
+from training.judge import Judge
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    config = FlashstepConfig(
+        family="teacher", default_steps=4, allowed_steps=(1, 2, 4, 8), default_guidance_scale=4.0, resolution=64
+    )
+    return export_random(tmp_path_factory.mktemp("distill") / "tiny-teacher", config, ShapesArch.tiny(), seed=1)
+
+
+@pytest.fixture(scope="session")
+def random_judge():
+    torch.manual_seed(0)
+    return Judge().eval()

@@ -1,0 +1,136 @@
+"""Hyper-SD TSCD: the segment and jump arithmetic by hand, the recipe end to end on a tiny teacher."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from models.engine import Engine
+from models.flashstep_config import FlashstepConfig
+from models.outputs import GenerationRequest
+from training.distill import DEFAULT_TEACHER
+from training.hypersd import (
+    LORA_WEIGHT_NAME,
+    HyperSDTrainConfig,
+    base_reference,
+    ddim_jump,
+    segment_boundaries,
+    segment_start,
+    solver_timesteps,
+    stage_of,
+    train_hypersd,
+)
+
+TINY = HyperSDTrainConfig(latents=8, stage_steps=(2, 1, 1, 1), rank=4, batch_size=2, warmup=1, save_every=2)
+ATOL = 1e-4  # float32 UNet outputs of the tiny model, fused vs. PEFT-wrapped
+
+
+def test_four_segments_end_at_the_served_trailing_timesteps():
+    assert segment_boundaries(4).tolist() == [0, 249, 499, 749]
+    t = torch.tensor([19, 249, 250, 499, 500, 749, 750, 999])
+    # A t on a boundary belongs to the segment below it: the 4-step sampler calls the model at
+    # 749 and jumps to 499.
+    assert segment_start(t, 4).tolist() == [0, 0, 249, 249, 499, 499, 749, 749]
+    assert segment_start(t, 1).tolist() == [0] * 8
+    assert segment_start(torch.tensor([139, 999]), 8).tolist() == [124, 874]
+
+
+def test_solver_grid_and_stages():
+    grid = solver_timesteps(50)
+    assert grid[:2].tolist() == [19, 39] and grid[-1].item() == 999 and len(grid) == 50
+    assert stage_of(0, (2, 1, 1, 1)) == (0, 0)
+    assert stage_of(2, (2, 1, 1, 1)) == (1, 0)
+    assert stage_of(4, (2, 1, 1, 1)) == (3, 0)
+    with pytest.raises(ValueError, match="stage_steps"):
+        stage_of(5, (2, 1, 1, 1))
+
+
+def test_ddim_jump_matches_a_hand_computation():
+    x = torch.full((1, 1, 1, 1), 1.0)
+    eps = torch.full((1, 1, 1, 1), 0.5)
+    abar_t, abar_s = torch.tensor([0.36]), torch.tensor([0.64])
+    # x0 = (1 - 0.8 * 0.5) / 0.6 = 1; x_s = 0.8 * 1 + 0.6 * 0.5 = 1.1.
+    assert torch.allclose(ddim_jump(x, eps, abar_t, abar_s), torch.tensor(1.1))
+    # abar_s = 1 is the x0 prediction; s = t is the identity.
+    assert torch.allclose(ddim_jump(x, eps, abar_t, torch.tensor([1.0])), torch.tensor(1.0))
+    assert torch.allclose(ddim_jump(x, eps, abar_t, abar_t), x)
+    # With one eps, jumps compose: t -> u -> s equals t -> s.
+    via = ddim_jump(ddim_jump(x, eps, abar_t, torch.tensor([0.5])), eps, torch.tensor([0.5]), abar_s)
+    assert torch.allclose(via, ddim_jump(x, eps, abar_t, abar_s), atol=1e-6)
+
+
+def test_base_is_named_when_a_models_root_resolves_it(tmp_path):
+    assert base_reference(DEFAULT_TEACHER, tmp_path / "shapes-hypersd") == "shapes-teacher"
+    elsewhere = tmp_path / "a" / "teacher"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "model_index.json").write_text("{}")
+    assert base_reference(elsewhere, tmp_path / "a" / "shapes-hypersd") == "teacher"
+    assert base_reference(elsewhere, tmp_path / "b" / "shapes-hypersd") == str(elsewhere.resolve())
+
+
+def test_hypersd_recipe_trains_resumes_and_exports_a_lora_folder(tiny_teacher_dir, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "shapes-hypersd"
+    first = train_hypersd(TINY, run, None, teacher_dir=tiny_teacher_dir, progress=False)
+    assert first["steps_run"] == 5
+    assert set(first["losses"]) == {"k=8", "k=4", "k=2", "k=1"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in first["losses"].values())
+    cached = load_file(str(run / "latents" / "latents.safetensors"))
+    assert cached["latents"].shape == (8, 4, 8, 8) and torch.isfinite(cached["latents"]).all()
+
+    # Lengthening the last stage resumes there (LoRA and optimizer restored) and trains only the rest.
+    longer = dataclasses.replace(TINY, stage_steps=(2, 1, 1, 2))
+    resumed = train_hypersd(longer, run, out, teacher_dir=tiny_teacher_dir, progress=False)
+    assert resumed["steps_run"] == 1 and set(resumed["losses"]) == {"k=1"}
+
+    # A finished run trains nothing and exports the same LoRA.
+    again = train_hypersd(longer, run, tmp_path / "again", teacher_dir=tiny_teacher_dir, progress=False)
+    assert again["steps_run"] == 0
+    lora, lora_again = (
+        load_file(str(out / LORA_WEIGHT_NAME)),
+        load_file(str(tmp_path / "again" / LORA_WEIGHT_NAME)),
+    )
+    assert lora.keys() == lora_again.keys() and all(torch.equal(lora[k], lora_again[k]) for k in lora)
+
+    # The folder holds only flashstep.json and a diffusers/PEFT LoRA file on the teacher as base.
+    assert sorted(p.name for p in out.iterdir()) == sorted(["flashstep.json", LORA_WEIGHT_NAME])
+    assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in lora)
+    assert any(".resnets.0.conv1." in k for k in lora) and any(".attn2.to_k." in k for k in lora)
+    config = FlashstepConfig.load(out)
+    assert (config.family, config.lora, config.lora_scale) == ("hypersd", LORA_WEIGHT_NAME, 1.0)
+    assert config.base == str(tiny_teacher_dir.resolve())
+    assert (config.default_steps, config.allowed_steps, config.default_guidance_scale) == (
+        1,
+        (1, 2, 4, 8),
+        0.0,
+    )
+    assert config.timesteps["2"] == [999, 499] and config.timesteps["4"] == [999, 749, 499, 249]
+    assert config.provenance["recipe"] == "tscd-lora" and config.provenance["teacher"] == "tiny-teacher"
+    assert json.loads((run / "hypersd_report.json").read_text())["steps_run"] == 0
+
+    # The engine borrows the teacher's pieces, fuses the LoRA and samples at 1 and 2 steps.
+    engine = Engine.load(out, models_root=tmp_path)
+    for sampler in (None, "ddim"):
+        engine = engine if sampler is None else Engine.load(out, sampler=sampler)
+        for steps in (1, 2):
+            result = engine.generate(
+                [GenerationRequest(prompt="a red circle", seed=3, num_inference_steps=steps)]
+            )
+            assert result.unet_evals == steps
+            assert result.images[0].size == (64, 64)
+
+    # Vanilla diffusers loads the same file onto the teacher; it changes the UNet exactly as the
+    # engine's fused weights do (alpha = rank, no scale hidden anywhere).
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher_dir, torch_dtype=torch.float32)
+    x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999, 499])
+    embeds = torch.randn((2, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size))
+    with torch.no_grad():
+        before = pipe.unet(x, t, encoder_hidden_states=embeds).sample
+        pipe.load_lora_weights(out, weight_name=LORA_WEIGHT_NAME)
+        after = pipe.unet(x, t, encoder_hidden_states=embeds).sample
+        fused = engine.unet(x, t, encoder_hidden_states=embeds).sample
+    assert (after - before).abs().max() > 1e-3
+    assert torch.allclose(after, fused, atol=ATOL)

@@ -1,0 +1,157 @@
+"""SwiftBrush VSD: the maths by hand, the LoRA teacher, and the whole recipe on a tiny teacher end to end."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+
+from models.denoiser import Conditioning, Denoiser
+from models.engine import Engine
+from models.families.swiftbrush import sample_swiftbrush
+from models.flashstep_config import FlashstepConfig
+from models.outputs import GenerationRequest
+from models.schedule import NoiseSchedule
+from training.checkpointing import TRAIN_STATE
+from training.distill import load_teacher, unet_eps
+from training.swiftbrush import (
+    SwiftBrushTrainConfig,
+    adapters_off,
+    add_noise,
+    guidance_scales,
+    lora_teacher,
+    student_x0,
+    train_swiftbrush,
+    vsd_grad,
+    vsd_loss,
+)
+
+TINY = SwiftBrushTrainConfig(steps=3, batch_size=2, save_every=2, warmup=1, lora_rank=4)
+
+
+class ConstantEps(torch.nn.Module):
+    """A stand-in UNet that predicts a fixed epsilon and records the timesteps it was given."""
+
+    def __init__(self, eps: torch.Tensor) -> None:
+        super().__init__()
+        self.eps = eps
+        self.seen_t = None
+
+    def forward(self, x, t, encoder_hidden_states, added_cond_kwargs=None):
+        self.seen_t = t
+        return type("Out", (), {"sample": self.eps})()
+
+
+def test_vsd_gradient_matches_a_hand_computation():
+    eps_teacher = torch.tensor([1.0, -2.0, 0.5, 0.0]).view(2, 2, 1, 1)  # (B=2, C=2, 1, 1)
+    eps_lora = torch.tensor([0.5, 1.0, 0.5, 4.0]).view(2, 2, 1, 1)
+    abar_t = torch.tensor([0.75, 0.2])
+    grad = vsd_grad(eps_teacher, eps_lora, abar_t)
+    # (1 - abar_t) (eps_teacher - eps_lora): sample 0 weighs 0.25, sample 1 weighs 0.8.
+    want = torch.tensor([0.25 * 0.5, 0.25 * -3.0, 0.8 * 0.0, 0.8 * -4.0]).view(2, 2, 1, 1)
+    assert torch.allclose(grad, want)
+
+    x0 = torch.tensor([3.0, -1.0, 2.0, 0.0]).view(2, 2, 1, 1).requires_grad_(True)
+    loss = vsd_loss(x0, grad)
+    # The value is 0.5 * mean(grad^2); the gradient on x0 is exactly grad / numel, never through the target.
+    assert math.isclose(loss.item(), 0.5 * (0.125**2 + 0.75**2 + 0.0 + 3.2**2) / 4, rel_tol=1e-6)
+    loss.backward()
+    assert torch.allclose(x0.grad, want / 4)
+
+
+def test_student_x0_is_the_served_one_step_sample():
+    abar = torch.tensor(0.0047)
+    z = torch.tensor([2.0, -1.0]).view(1, 2, 1, 1)
+    eps = torch.tensor([1.5, -0.5]).view(1, 2, 1, 1)
+    unet = ConstantEps(eps)
+    x0 = student_x0(unet, z, torch.zeros(1, 3, 8), abar)
+    # The student always sees t = 999 and inverts x_t = sqrt(abar) x0 + sqrt(1 - abar) eps.
+    assert unet.seen_t.tolist() == [999.0]
+    assert torch.allclose(x0, (z - math.sqrt(1 - 0.0047) * eps) / math.sqrt(0.0047))
+    assert torch.allclose(add_noise(x0, eps, abar.view(1)), z, atol=1e-5)
+
+    # The engine's swiftbrush sampler computes the same map from the same schedule.
+    alphas = torch.linspace(0.999, 0.0047, 1000, dtype=torch.float64)
+    schedule = NoiseSchedule(alphas)
+    embeds = torch.zeros(1, 3, 8)
+    served = sample_swiftbrush(
+        Denoiser(unet, Conditioning(prompt_embeds=embeds), "epsilon", schedule), z, [999], schedule, []
+    )
+    assert torch.allclose(student_x0(unet, z, embeds, alphas[999].float()), served.float(), atol=1e-4)
+
+
+def test_pg_sb_draws_a_guidance_scale_per_sample_and_a_fixed_scale_is_an_option():
+    gen = torch.Generator().manual_seed(0)
+    kappa = guidance_scales(4096, SwiftBrushTrainConfig(), gen)
+    assert kappa.shape == (4096,)
+    assert 0.5 <= kappa.min() < 0.6 and 3.9 < kappa.max() <= 4.0
+    assert kappa.std() > 0.9  # uniform on [0.5, 4]: std 3.5 / sqrt(12) ~ 1.01
+    fixed = guidance_scales(3, SwiftBrushTrainConfig(guidance=4.5), gen)
+    assert fixed.tolist() == [4.5, 4.5, 4.5]
+
+
+def test_lora_teacher_starts_as_the_teacher_and_with_adapters_off_stays_the_teacher(tiny_teacher_dir):
+    teacher = load_teacher(tiny_teacher_dir)
+    guide = lora_teacher(teacher, rank=4, targets=SwiftBrushTrainConfig().lora_targets)
+    trainable = [n for n, p in guide.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("attn2.to_k" in n for n in trainable) and any("ff.net.2" in n for n in trainable)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *teacher.latent_shape, generator=gen)
+    t = torch.tensor([20, 980])
+    embeds = teacher.encode_prompts(["a red circle", ""])
+    with torch.no_grad():
+        want = unet_eps(teacher.unet, x, t, embeds)
+        # PEFT starts the LoRA up-projections at zero.
+        assert torch.allclose(unet_eps(guide, x, t, embeds), want, atol=1e-6)
+        for p in guide.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        assert not torch.allclose(unet_eps(guide, x, t, embeds), want, atol=1e-3)
+        with adapters_off(guide):
+            assert torch.allclose(unet_eps(guide, x, t, embeds), want, atol=1e-6)
+        with pytest.raises(RuntimeError), adapters_off(guide):
+            raise RuntimeError("the adapters come back on even after an error")
+        assert not torch.allclose(unet_eps(guide, x, t, embeds), want, atol=1e-3)
+
+
+def test_swiftbrush_recipe_trains_resumes_and_exports_a_servable_one_step_folder(tiny_teacher_dir, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "swiftbrush"
+    # Stop after two steps, then resume to three.
+    train_swiftbrush(replace(TINY, steps=2), run, None, teacher_dir=tiny_teacher_dir, progress=False)
+    report = train_swiftbrush(TINY, run, out, teacher_dir=tiny_teacher_dir, progress=False)
+    assert report["steps"] == 3 and report["config"]["guidance"] is None
+
+    losses = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in losses] == [1, 2, 3]
+    assert all(math.isfinite(h["vsd"]) and math.isfinite(h["lora"]) for h in losses)
+    assert losses[0]["vsd"] == 0.0  # the untrained LoRA teacher equals the teacher: no VSD gradient yet
+    assert losses[-1]["vsd"] > 0.0  # after one LoRA step it has learned something of the student
+    assert sorted(p.name for p in (run / "probes").iterdir()) == ["step_00002.png", "step_00003.png"]
+
+    # The train state holds the LoRA teacher's adapter weights (not its frozen base) and both optimizers.
+    with safe_open(str(run / TRAIN_STATE), framework="pt") as f:
+        keys = list(f.keys())
+        assert f.metadata()["step"] == "3"
+    lora_keys = [k for k in keys if k.startswith("module.lora.")]
+    assert lora_keys and all("lora_" in k for k in lora_keys)
+    assert {k.split(".")[1] for k in keys if k.startswith("optim.")} == {"lora", "student"}
+
+    config = FlashstepConfig.load(out)
+    assert (config.family, config.default_steps, config.allowed_steps) == ("swiftbrush", 1, (1,))
+    assert config.timesteps == {"1": [999]} and config.conditioning_timestep == 999
+    assert config.default_guidance_scale == 0.0
+    assert config.provenance["teacher"] == "tiny-teacher" and config.provenance["steps"] == 3
+
+    engine = Engine.load(out)
+    result = engine.generate([GenerationRequest(prompt="a red circle", seed=3, num_inference_steps=1)])
+    assert result.unet_evals == 1
+    assert result.images[0].size == (64, 64)
+    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    assert pipe.unet.config.in_channels == 4
+    # A plain UNet: nothing of the LoRA teacher is exported.
+    assert not any("lora" in k for k in pipe.unet.state_dict())

@@ -1,0 +1,369 @@
+"""`flashstep train hypersd`: trajectory-segmented consistency distillation (TSCD) into a LoRA.
+
+Hyper-SD (Ren et al. 2024, arXiv:2404.13686, Sec. 3.1) at toy scale. The time axis [0, T) is cut
+into k equal segments whose boundaries are the served trailing timesteps (for k = 4:
+0 | 249 | 499 | 749 | 999). Within a segment the student learns the consistency map to the
+segment's lower boundary s: from x_t it predicts eps, takes x0 and jumps deterministically to s
+(a DDIM jump). The target is the same map from one teacher DDIM step further down the
+trajectory, x_{t'} with t' = t - T/N (N = 50, the LCM/TCD solver grid), taken by the target
+network. k goes 8 -> 4 -> 2 -> 1, each stage with its own steps, the LoRA carried across
+stages; after k = 1 every t maps to x0, which is what 1-step sampling asks for, while the earlier
+stages leave the LoRA's jumps to 749/499/249 aligned with the multi-step schedules.
+
+Choices, and why:
+- **Data**: real latents (training scenes, held-out pairs excluded, encoded once by the
+  teacher's VAE and cached in the run folder), noised to x_t. Hyper-SD distils on real
+  image-text pairs; a fresh caption of the same attributes is drawn each time a latent is used.
+- **Student**: a PEFT LoRA (alpha = rank, so flashstep's fuse and diffusers' loader agree
+  without an `alpha` key) on the attention projections, the transformer ff/proj layers and the
+  resnet/resampling convs, the module set of public LCM-/Hyper-SD SD1.5 LoRAs. At this size the
+  convs hold most of the UNet's weights; without them a 1-step map has little to change.
+- **Teacher**: the frozen teacher UNet (a separate module, so its calls pay no LoRA cost), one
+  DDIM step with classifier-free guidance at the teacher's default scale 4.0; the student
+  serves at guidance 0, so it absorbs the guided trajectory.
+- **Target network**: the student itself under stop-gradient (EMA decay 0), as diffusers'
+  LCM-LoRA recipe does and as improved consistency training (Song & Dhariwal 2023, Sec. 3.2)
+  recommends; an EMA lags the target by ~1 / (1 - decay) steps, which a run of a few thousand
+  steps cannot spare, and keeping one would double the LoRA state.
+- **Loss**: MSE between the two x_s in latent space (the paper's consistency term; its
+  adversarial term is left out).
+
+Exported as a LoRA folder (`flashstep.json` + the diffusers LoRA file) naming the teacher as
+its base: the engine fuses the LoRA at scale 1 and samples with TCD or DDIM-trailing at
+guidance 0.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from models.flashstep_config import FlashstepConfig
+from models.registry import discover
+from models.schedule import trailing_timesteps
+from training.checkpointing import load_train_state, save_train_state
+from training.data import render_dataset
+from training.distill import (
+    DEFAULT_TEACHER,
+    Provenance,
+    Teacher,
+    Timer,
+    cfg_eps,
+    load_teacher,
+    lr_at,
+    set_lr,
+    student_unet,
+    unet_eps,
+)
+from training.teacher import captions_for_labels, encode_latents
+
+# Diffusers' default LoRA file name: `pipe.load_lora_weights(folder)` finds it without `weight_name`.
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# The module set of public SD1.5 LCM-/Hyper-SD LoRAs (PEFT matches these as name suffixes).
+LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+)  # fmt: skip
+SERVED_STEPS = (1, 2, 4, 8)
+LATENTS_FILE = "latents.safetensors"
+
+
+@dataclass(frozen=True)
+class HyperSDTrainConfig:
+    """Defaults fit ~30 min on one core with the shipped teacher: ~2.0 s a step at batch 32 (measured,
+    1 thread, on a busy 2-core machine) x 800 steps, plus ~2 min to render and encode the latents.
+    Batch 32 rather than 64 (2.8 s a step) buys more updates, which consistency propagation needs
+    more than gradient precision; k = 1, the map the 1-step model runs, gets half the steps."""
+
+    latents: int = 8192  # real training scenes, VAE-encoded once (~14 ms an image)
+    segments: tuple[int, ...] = (8, 4, 2, 1)  # k per stage
+    stage_steps: tuple[int, ...] = (100, 100, 200, 400)  # optimizer steps per stage
+    solver_steps: int = 50  # N: the teacher's DDIM grid t_n = n T/N - 1, one step is T/N
+    guidance_scale: float = 4.0  # teacher CFG (its served default)
+    rank: int = 16
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    batch_size: int = 32
+    lr: float = 1e-3  # beat 5e-4 in two 130-step probes (lower k=1 loss, right colours at 2 steps)
+    warmup: int = 50  # per stage
+    cond_dropout: float = 0.1
+    eta: float = 1.0  # TCD eta in flashstep.json: k = 1 trains x0 maps, so re-noise fully between steps
+    default_steps: int = 1  # flashstep.json's default; one of 1, 2, 4, 8
+    save_every: int = 100
+    seed: int = 9000
+
+    def __post_init__(self) -> None:
+        if len(self.segments) != len(self.stage_steps):
+            raise ValueError(
+                f"`stage_steps` needs one entry per stage of `segments` {list(self.segments)} but is {list(self.stage_steps)}"
+            )
+        if any(k < 1 for k in self.segments):
+            raise ValueError(f"`segments` must be positive integers but is {list(self.segments)}")
+        if self.default_steps not in SERVED_STEPS:
+            raise ValueError(
+                f"`default_steps` must be one of {list(SERVED_STEPS)} but is {self.default_steps}"
+            )
+
+
+# ----- the TSCD maths -----
+
+
+def segment_boundaries(k: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The k segments' lower boundaries, ascending: 0 and the trailing timesteps below 999.
+
+    k = 4 -> [0, 249, 499, 749]: the timesteps a 4-step trailing sampler visits after 999, so
+    a jump to a boundary is exactly one served step.
+    """
+    return torch.tensor([0, *sorted(trailing_timesteps(k, num_train_timesteps)[1:])], dtype=torch.long)
+
+
+def segment_start(t: torch.Tensor, k: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Per sample, the boundary s the consistency map from t aims at: the largest boundary below t.
+
+    A t on a boundary (749 for k = 4) belongs to the segment below it, as the served sampler
+    calls the model at 749 and jumps to 499. t (B,) long, t >= 1 -> s (B,) long.
+    """
+    bounds = segment_boundaries(k, num_train_timesteps)
+    below = torch.searchsorted(bounds, t, right=False)  # number of boundaries < t
+    return bounds[below - 1]
+
+
+def solver_timesteps(solver_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The teacher's DDIM grid t_n = n T/N - 1, n = 1..N (19, 39, ..., 999 for N = 50), as in LCM/TCD."""
+    step = num_train_timesteps // solver_steps
+    return torch.arange(1, solver_steps + 1, dtype=torch.long) * step - 1
+
+
+def ddim_jump(x: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor, abar_s: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM from t to s (Song et al. 2021, eq. 12, sigma = 0), abar per sample (B,).
+
+    x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t); x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps.
+    With s = 0 it is the x0 prediction at abar_0, as the served TCD sampler's last step.
+    """
+    a_t, a_s = abar_t.view(-1, 1, 1, 1), abar_s.view(-1, 1, 1, 1)
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+
+
+def tscd_loss(
+    student: torch.nn.Module,
+    teacher_unet: torch.nn.Module,
+    alphas_cumprod: torch.Tensor,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    k: int,
+    cfg: HyperSDTrainConfig,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """One TSCD loss for k segments on real latents x0 (B, 4, h, w) with text states cond (B, L, C).
+
+    t on the solver grid; s its segment's boundary; t' = max(t - T/N, s) so the teacher never
+    steps past the boundary. Student: x_t -> s. Target (no grad): the teacher's CFG DDIM step
+    x_t -> x_{t'}, then the stop-grad student x_{t'} -> s; when t' = s the teacher's x_s is the
+    target itself (the consistency boundary condition).
+    """
+    num_train = alphas_cumprod.shape[0]
+    grid = solver_timesteps(cfg.solver_steps, num_train)
+    t = grid[torch.randint(len(grid), (x0.shape[0],), generator=gen)]  # (B,)
+    s = segment_start(t, k, num_train)
+    t_prev = torch.maximum(t - num_train // cfg.solver_steps, s)
+    noise = torch.randn(x0.shape, generator=gen)
+    a_t = alphas_cumprod[t]
+    x_t = a_t.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a_t).sqrt().view(-1, 1, 1, 1) * noise
+    with torch.no_grad():
+        eps_teacher = cfg_eps(teacher_unet, x_t, t, cond, uncond, cfg.guidance_scale)
+        x_prev = ddim_jump(x_t, eps_teacher, a_t, alphas_cumprod[t_prev])
+        eps_target = unet_eps(student, x_prev, t_prev, cond)
+        target = ddim_jump(x_prev, eps_target, alphas_cumprod[t_prev], alphas_cumprod[s])
+        target = torch.where((t_prev == s).view(-1, 1, 1, 1), x_prev, target)
+    pred = ddim_jump(x_t, unet_eps(student, x_t, t, cond), a_t, alphas_cumprod[s])
+    return F.mse_loss(pred, target)
+
+
+def stage_of(step: int, stage_steps: tuple[int, ...]) -> tuple[int, int]:
+    """Global step -> (stage index, step within that stage)."""
+    for i, n in enumerate(stage_steps):
+        if step < n:
+            return i, step
+        step -= n
+    raise ValueError(f"step is past the last stage of `stage_steps` {list(stage_steps)}")
+
+
+# ----- data -----
+
+
+def training_latents(
+    teacher: Teacher, n: int, seed: int, folder: Path, progress: bool = True
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Latents (n, 4, h, w) and attribute labels (n, 5) of training scenes seed..seed+n-1, cached in `folder`."""
+    path = folder / LATENTS_FILE
+    if path.exists():
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            if (int(meta["n"]), int(meta["seed"])) == (n, seed):
+                return f.get_tensor("latents"), f.get_tensor("labels").numpy()
+    folder.mkdir(parents=True, exist_ok=True)
+    data = render_dataset(n, seed, progress=progress)
+    latents = encode_latents(teacher.vae, data.images, progress=progress)
+    tmp = path.with_suffix(".tmp")
+    save_file(
+        {"latents": latents.contiguous(), "labels": torch.from_numpy(data.labels)},
+        str(tmp),
+        metadata={"n": str(n), "seed": str(seed)},
+    )
+    tmp.rename(path)
+    return latents, data.labels
+
+
+# ----- the LoRA and its export -----
+
+
+def lora_config(cfg: HyperSDTrainConfig) -> LoraConfig:
+    """alpha = rank: the update is B @ A unscaled, as read back by loaders that see no `alpha` key."""
+    return LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.rank, target_modules=list(cfg.lora_targets), init_lora_weights="gaussian"
+    )
+
+
+def lora_student(teacher: Teacher, cfg: HyperSDTrainConfig) -> UNet2DConditionModel:
+    """A copy of the teacher's UNet, frozen, with a trainable LoRA (B = 0: it starts as the teacher)."""
+    unet = student_unet(teacher).requires_grad_(False)
+    unet.add_adapter(lora_config(cfg))
+    return unet
+
+
+def base_reference(teacher_folder: Path, export_dir: Path) -> str:
+    """How flashstep.json names the base: the teacher's model name when a models root holding the export
+    resolves that name to it (a shipped teacher, or a sibling of the export), else its absolute path."""
+    name = teacher_folder.name
+    found = discover(export_dir.parent).get(name)
+    if found is not None and found.resolve() == teacher_folder.resolve():
+        return name
+    return str(teacher_folder.resolve())
+
+
+def export_hypersd(
+    folder: str | Path,
+    unet: UNet2DConditionModel,
+    teacher: Teacher,
+    cfg: HyperSDTrainConfig,
+    provenance: dict,
+) -> Path:
+    """Write `folder` with only flashstep.json and the diffusers/PEFT LoRA file (`unet.`-prefixed keys)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=layers,
+        weight_name=LORA_WEIGHT_NAME,
+        unet_lora_adapter_metadata={
+            "r": cfg.rank,
+            "lora_alpha": cfg.rank,
+            "target_modules": list(cfg.lora_targets),
+        },
+    )
+    config = FlashstepConfig(
+        family="hypersd",
+        default_steps=cfg.default_steps,
+        allowed_steps=SERVED_STEPS,
+        timesteps={str(n): trailing_timesteps(n) for n in SERVED_STEPS},
+        default_guidance_scale=0.0,
+        eta=cfg.eta,
+        base=base_reference(teacher.folder, folder),
+        lora=LORA_WEIGHT_NAME,
+        lora_scale=1.0,
+        nasa_alpha=0.1,
+        resolution=teacher.config.resolution,
+        provenance=provenance,
+    )
+    config.save(folder)
+    return folder
+
+
+# ----- the recipe -----
+
+
+def train_hypersd(
+    cfg: HyperSDTrainConfig,
+    run_dir: str | Path,
+    export_dir: str | Path | None,
+    teacher_dir: str | Path = DEFAULT_TEACHER,
+    progress: bool = True,
+) -> dict:
+    """Encode latents (cached), run every TSCD stage (resumable), export the LoRA folder. Returns a report."""
+    run_dir = Path(run_dir)
+    torch.manual_seed(cfg.seed)
+    teacher = load_teacher(teacher_dir)
+    data_timer = Timer(run_dir / "latents")
+    latents, labels = training_latents(teacher, cfg.latents, cfg.seed, run_dir / "latents", progress)
+    data_timer.save()
+    data_seconds = data_timer.seconds  # frozen here: the timer keeps counting
+
+    unet = lora_student(teacher, cfg)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    state_dir = run_dir / "tscd"
+    start = load_train_state(state_dir, {"unet": unet}, {"lora": opt}) or 0
+    timer = Timer(state_dir)
+    total = sum(cfg.stage_steps)
+    rng = np.random.default_rng(cfg.seed + start)
+    gen = torch.Generator().manual_seed(cfg.seed + start)
+    uncond = teacher.encode_prompts([""]).expand(cfg.batch_size, -1, -1)
+    losses: dict[str, list[float]] = {}
+    loop_start = time.time()
+    bar = tqdm(
+        range(start, total), desc="tscd", disable=not progress, mininterval=5.0, initial=start, total=total
+    )
+    for step in bar:
+        stage, local = stage_of(step, cfg.stage_steps)
+        k = cfg.segments[stage]
+        set_lr(opt, lr_at(local, cfg.stage_steps[stage], cfg.lr, cfg.warmup))
+        idx = rng.integers(0, len(latents), cfg.batch_size)
+        cond = teacher.encode_prompts(captions_for_labels(labels[idx], rng, cfg.cond_dropout))
+        loss = tscd_loss(unet, teacher.unet, teacher.alphas_cumprod, latents[idx], cond, uncond, k, cfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.setdefault(f"k={k}", []).append(loss.item())
+        bar.set_postfix(k=k, loss=f"{loss.item():.4f}", refresh=False)  # refresh would bypass mininterval
+        stage_end = local + 1 == cfg.stage_steps[stage]
+        if (step + 1) % cfg.save_every == 0 or stage_end:
+            save_train_state(state_dir, step + 1, {"unet": unet}, {"lora": opt}, _jsonable(cfg))
+            timer.save()
+
+    report = {
+        "latents_seconds": round(data_seconds),
+        "train_seconds": round(timer.seconds),
+        "steps_run": total - min(start, total),
+        "seconds_per_step": round((time.time() - loop_start) / max(total - start, 1), 3),
+        # Mean loss per stage over this call's steps (a resumed run reports only what it trained).
+        "losses": {name: float(np.mean(v)) for name, v in losses.items()},
+        "config": _jsonable(cfg),
+    }
+    if export_dir is not None:
+        provenance = Provenance(
+            "tscd-lora", teacher.folder.name, total, cfg.batch_size, data_seconds + timer.seconds,
+            {"segments": list(cfg.segments), "stage_steps": list(cfg.stage_steps), "rank": cfg.rank,
+             "teacher_guidance": cfg.guidance_scale, "latents": cfg.latents, "target": "stop-grad student"},
+        ).to_dict()  # fmt: skip
+        export_hypersd(export_dir, unet, teacher, cfg, provenance)
+    (run_dir / "hypersd_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _jsonable(cfg) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=list))

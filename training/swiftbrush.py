@@ -1,0 +1,326 @@
+"""`flashstep train swiftbrush`: image-free one-step distillation by variational score distillation.
+
+SwiftBrush (Nguyen & Tran 2024, arXiv:2312.05239) with SNOOPI's PG-SB (Nguyen et al. 2024,
+arXiv:2412.02687), on prompts only, never on images:
+
+- The **student**, initialised from the teacher, maps pure noise z to a latent in one step:
+  `x0 = (z - sqrt(1 - abar_999) eps_s(z, 999)) / sqrt(abar_999)` (the engine's `swiftbrush` sampler).
+- A **LoRA teacher** (PEFT LoRA on a copy of the teacher's UNet) learns the student's own
+  distribution by plain epsilon-MSE on detached student samples (10% empty prompts, so its
+  unconditional branch is trained too).
+- The student follows the VSD gradient (SwiftBrush eq. 6, ProlificDreamer eq. 9): noise x0 to a
+  random `t ~ U[20, 980]` and push it along `(1 - abar_t) (eps_teacher - eps_lora)`, the
+  difference between where the teacher and where the student's distribution would denoise it.
+- Both teachers use classifier-free guidance (uncond = the empty prompt) with the same scale;
+  PG-SB (SNOOPI Sec. 3.1) draws that scale per sample, `kappa ~ U(0.5, 4)`, which stabilises
+  VSD across guidance levels. `guidance` in the config fixes it instead.
+
+The frozen teacher and the LoRA teacher are one module: the teacher's epsilon is the LoRA
+teacher's with its adapters switched off, so the recipe holds two UNets (student and LoRA
+teacher), not three. Student and LoRA steps alternate, each with its own AdamW.
+Exported as `shapes-swiftbrush` (family swiftbrush, one step, no CFG).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+from PIL import Image
+from tqdm import tqdm
+
+from models.flashstep_config import FlashstepConfig
+from training.checkpointing import EMA, load_train_state, save_train_state
+from training.distill import (
+    DEFAULT_TEACHER,
+    PromptSampler,
+    Provenance,
+    Teacher,
+    Timer,
+    cfg_eps,
+    export_student,
+    load_teacher,
+    lr_at,
+    set_lr,
+    student_unet,
+    unet_eps,
+)
+
+STUDENT_TIMESTEP = 999
+
+# Every linear layer of the transformer blocks (attention, feed-forward, projections in and out)
+# plus the ResNets' time-embedding projections, so the LoRA teacher has capacity beyond attention
+# on a UNet this small: 0.33M trainable parameters at rank 16 against the UNet's 3.3M. Adding
+# the ResNet convs (conv1, conv2) doubles that and costs ~15% more per step.
+LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "time_emb_proj",
+)
+
+PROBE_PROMPTS = (
+    "a red circle", "a blue square", "a green triangle", "a yellow star",
+    "a purple diamond", "an orange circle on the left", "a large cyan star, black background",
+    "a small pink square at the top",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SwiftBrushTrainConfig:
+    steps: int = 1500  # ~1.3 s a step at batch 32 on one core: ~35 minutes
+    batch_size: int = 32
+    lr: float = 3e-4  # student: shapes by step 100 in a probe, where 1e-4 had only colour blobs
+    lora_lr: float = 1e-3
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    warmup: int = 50
+    guidance: float | None = None  # None: PG-SB, kappa ~ U(guidance_range) per sample
+    guidance_range: tuple[float, float] = (0.5, 4.0)
+    t_range: tuple[int, int] = (20, 980)  # inclusive
+    lora_dropout: float = 0.1  # empty prompts in the LoRA teacher's step
+    ema_decay: float = 0.995  # ~200-step window: smooths single-t VSD noise, lags little
+    grad_clip: float = 1.0
+    save_every: int = 100
+    seed: int = 8000
+
+
+# ----- the VSD maths -----
+
+
+def student_x0(
+    unet: torch.nn.Module, z: torch.Tensor, embeds: torch.Tensor, abar_999: torch.Tensor
+) -> torch.Tensor:
+    """The one-step sample from pure noise z (B, C, h, w): x0 = (z - sqrt(1 - abar_999) eps(z, 999)) / sqrt(abar_999)."""
+    t = torch.full((z.shape[0],), float(STUDENT_TIMESTEP))
+    eps = unet_eps(unet, z, t, embeds)
+    return (z - (1 - abar_999).sqrt() * eps) / abar_999.sqrt()
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (DDPM eq. 4), abar_t (B,) per sample."""
+    a = abar_t.view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def vsd_grad(eps_teacher: torch.Tensor, eps_lora: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """SwiftBrush eq. 6: the gradient on x0 is w(t) (eps_teacher - eps_lora) with w(t) = 1 - abar_t."""
+    return (1 - abar_t).view(-1, 1, 1, 1) * (eps_teacher - eps_lora)
+
+
+def vsd_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5 * mse(x0, (x0 - grad).detach()): its gradient w.r.t. x0 is grad / x0.numel()."""
+    return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+
+
+def guidance_scales(n: int, cfg: SwiftBrushTrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """(n,) CFG scales shared by both teachers: PG-SB's kappa ~ U(lo, hi), or the fixed `guidance`."""
+    if cfg.guidance is not None:
+        return torch.full((n,), float(cfg.guidance))
+    lo, hi = cfg.guidance_range
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+# ----- the LoRA teacher -----
+
+
+def lora_teacher(teacher: Teacher, rank: int, targets: Sequence[str]) -> torch.nn.Module:
+    """A copy of the teacher's UNet with a PEFT LoRA; only the LoRA weights train.
+
+    The LoRA's up-projections start at zero (PEFT's default), so it starts equal to the teacher
+    and the first VSD gradient is zero until the LoRA has seen the student's samples.
+    """
+    import copy
+
+    unet = copy.deepcopy(teacher.unet).requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+    return unet
+
+
+@contextmanager
+def adapters_off(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Inside the block the LoRA teacher computes exactly the frozen teacher."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def lora_weights(unet: torch.nn.Module) -> torch.nn.Module:
+    """A module that holds (shares, not copies) only the LoRA parameters, for the train state."""
+    holder = torch.nn.Module()
+    for name, p in unet.named_parameters():
+        if "lora_" in name:
+            holder.register_parameter(name.replace(".", "__"), p)
+    return holder
+
+
+# ----- the training loop -----
+
+
+def swiftbrush_step(
+    teacher: Teacher,
+    student: torch.nn.Module,
+    guide: torch.nn.Module,
+    prompts: list[str],
+    cfg: SwiftBrushTrainConfig,
+    gen: torch.Generator,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One student sample batch and both losses: (VSD loss for the student, epsilon loss for the LoRA).
+
+    Nothing is stepped here; the caller backpropagates the VSD loss into the student and the
+    LoRA loss into `guide` (they touch disjoint parameters).
+    """
+    n = len(prompts)
+    abar = teacher.alphas_cumprod
+    embeds = teacher.encode_prompts(prompts)  # (B, L, C)
+    uncond = teacher.encode_prompts([""]).expand_as(embeds)
+    z = torch.randn((n, *teacher.latent_shape), generator=gen)
+    x0 = student_x0(student, z, embeds, abar[STUDENT_TIMESTEP])
+
+    # Student: the VSD gradient at a random t, both teachers guided by the same scale.
+    lo, hi = cfg.t_range
+    t = torch.randint(lo, hi + 1, (n,), generator=gen)
+    xt = add_noise(x0.detach(), torch.randn(x0.shape, generator=gen), abar[t])
+    scale = guidance_scales(n, cfg, gen)
+    with torch.no_grad():
+        with adapters_off(guide):
+            eps_teacher = cfg_eps(guide, xt, t, embeds, uncond, scale)
+        eps_lora = cfg_eps(guide, xt, t, embeds, uncond, scale)
+    vsd = vsd_loss(x0, vsd_grad(eps_teacher, eps_lora, abar[t]))
+
+    # LoRA teacher: denoise the detached student samples (fresh t and noise), some unconditioned.
+    # Its t range is VSD's: it only has to be right where the student's gradient asks it.
+    x0 = x0.detach()
+    t = torch.randint(lo, hi + 1, (n,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    drop = torch.from_numpy(rng.random(n) < cfg.lora_dropout).view(-1, 1, 1)
+    lora = F.mse_loss(
+        unet_eps(guide, add_noise(x0, noise, abar[t]), t, torch.where(drop, uncond, embeds)), noise
+    )
+    return vsd, lora
+
+
+def _step(
+    opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter], clip: float
+) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+
+
+@torch.no_grad()
+def sample_grid(
+    teacher: Teacher, unet: torch.nn.Module, prompts: Sequence[str] = PROBE_PROMPTS, seeds: int = 2
+) -> Image.Image:
+    """One-step images, a row per seed and a column per prompt: the quick look at a student."""
+    embeds = teacher.encode_prompts([p for _ in range(seeds) for p in prompts])
+    z = torch.randn((len(embeds), *teacher.latent_shape), generator=torch.Generator().manual_seed(0))
+    images = teacher.decode(student_x0(unet, z, embeds, teacher.alphas_cumprod[STUDENT_TIMESTEP]))
+    images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)
+    b, c, h, w = images.shape
+    grid = (
+        images.view(seeds, len(prompts), c, h, w)
+        .permute(0, 3, 1, 4, 2)
+        .reshape(seeds * h, len(prompts) * w, c)
+    )
+    return Image.fromarray(grid.numpy())
+
+
+def train_swiftbrush(
+    cfg: SwiftBrushTrainConfig,
+    run_dir: str | Path,
+    export_dir: str | Path | None,
+    teacher_dir: str | Path = DEFAULT_TEACHER,
+    progress: bool = True,
+) -> dict:
+    """Train (resuming from `run_dir`), write a probe grid at every save, export the EMA student. Returns a report."""
+    run_dir = Path(run_dir)
+    torch.manual_seed(cfg.seed)
+    teacher = load_teacher(teacher_dir)
+    student = student_unet(teacher)
+    guide = lora_teacher(teacher, cfg.lora_rank, cfg.lora_targets)
+    ema = EMA(student, cfg.ema_decay)
+    lora_params = [p for p in guide.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    lora_opt = torch.optim.AdamW(lora_params, lr=cfg.lora_lr, weight_decay=0.0)
+    modules = {"student": student, "ema": ema.module, "lora": lora_weights(guide)}
+    optimizers = {"student": opt, "lora": lora_opt}
+    start = load_train_state(run_dir, modules, optimizers) or 0
+    timer = Timer(run_dir)
+
+    prompts = PromptSampler(cfg.seed + start)
+    rng = np.random.default_rng(cfg.seed + start)
+    gen = torch.Generator().manual_seed(cfg.seed + start)
+    bar = tqdm(
+        range(start, cfg.steps),
+        desc="swiftbrush",
+        disable=not progress,
+        mininterval=5.0,
+        initial=start,
+        total=cfg.steps,
+    )
+    history: list[dict] = []
+    for step in bar:
+        set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
+        set_lr(lora_opt, lr_at(step, cfg.steps, cfg.lora_lr, cfg.warmup))
+        vsd, lora = swiftbrush_step(teacher, student, guide, prompts.draw(cfg.batch_size), cfg, gen, rng)
+        if not (torch.isfinite(vsd) and torch.isfinite(lora)):
+            raise FloatingPointError(f"non-finite loss at step {step}: vsd={vsd.item()}, lora={lora.item()}")
+        _step(opt, vsd, list(student.parameters()), cfg.grad_clip)
+        _step(lora_opt, lora, lora_params, cfg.grad_clip)
+        ema.update(student, step)
+        history.append({"step": step + 1, "vsd": vsd.item(), "lora": lora.item()})
+        bar.set_postfix(vsd=f"{vsd.item():.2e}", lora=f"{lora.item():.4f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_train_state(run_dir, step + 1, modules, optimizers, _jsonable(cfg))
+            timer.save()
+            (run_dir / "probes").mkdir(exist_ok=True)
+            sample_grid(teacher, ema.module).save(run_dir / "probes" / f"step_{step + 1:05d}.png")
+            with (run_dir / "losses.jsonl").open("a") as f:
+                f.writelines(json.dumps(h) + "\n" for h in history)
+            history = []
+
+    report = {"seconds": round(timer.seconds), "steps": cfg.steps, "config": _jsonable(cfg)}
+    if export_dir is not None:
+        kind = f"fixed {cfg.guidance}" if cfg.guidance is not None else f"PG-SB kappa ~ U{cfg.guidance_range}"
+        config = FlashstepConfig(
+            family="swiftbrush",
+            default_steps=1,
+            allowed_steps=(1,),
+            timesteps={"1": [STUDENT_TIMESTEP]},
+            conditioning_timestep=STUDENT_TIMESTEP,
+            default_guidance_scale=0.0,
+            nasa_alpha=0.1,
+            resolution=teacher.config.resolution,
+            provenance=Provenance(
+                "swiftbrush VSD, image-free",
+                teacher.folder.name,
+                cfg.steps,
+                cfg.batch_size,
+                timer.seconds,
+                {"guidance": kind, "lora_rank": cfg.lora_rank, "ema_decay": cfg.ema_decay},
+            ).to_dict(),
+        )
+        export_student(export_dir, teacher, ema.module, config)
+    (run_dir / "swiftbrush_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _jsonable(cfg) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=list))
