@@ -64,6 +64,8 @@ class WorkItem:
     deadline: float
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
+    # Set by the worker on arrival: waiting `max_wait_ms` for batch-mates would only add latency.
+    dispatch_at_once: bool = False
 
 
 class _DeviceWorker:
@@ -75,12 +77,26 @@ class _DeviceWorker:
         self._groups: dict[Hashable, deque[WorkItem]] = {}
         self._cond = threading.Condition()
         self._stopping = False
+        self._running = False  # a batch is on the device now
+        self._last_arrival = -math.inf
         self.thread = threading.Thread(target=self._run, name=f"flashstep-batcher-{device}", daemon=True)
 
     def put(self, items: list[WorkItem]) -> None:
+        """Queue items. Two arrivals skip the fill wait, because waiting cannot help them:
+
+        - one arriving while a batch runs has already waited for the device, so when it frees
+          the worker takes whatever has queued by then (up to `max_batch_size`) at once;
+        - a lone request into a quiet server (nothing queued, no arrival within `max_wait_ms`)
+          runs at once: at low load the wait buys no batch-mates, only latency.
+        Under load requests queue behind running batches, so batches still fill.
+        """
         with self._cond:
+            now = time.monotonic()
+            quiet = not self._groups and now - self._last_arrival > self._batcher.max_wait_s
             for item in items:
+                item.dispatch_at_once = self._running or (quiet and len(items) == 1)
                 self._groups.setdefault((item.model, item.key), deque()).append(item)
+            self._last_arrival = now
             self._cond.notify()
 
     def stop(self) -> None:
@@ -102,13 +118,19 @@ class _DeviceWorker:
                 # FIFO across groups: the group holding the oldest request goes next.
                 key, queue = min(self._groups.items(), key=lambda kv: kv[1][0].enqueued_at)
                 waited = time.monotonic() - queue[0].enqueued_at
-                if len(queue) >= max_batch or waited >= max_wait or self._stopping:
+                due = len(queue) >= max_batch or waited >= max_wait or queue[0].dispatch_at_once
+                if due or self._stopping:
                     batch = [queue.popleft() for _ in range(min(max_batch, len(queue)))]
                     if not queue:
                         del self._groups[key]
                     self._batcher._dequeued(len(batch))
+                    self._running = True
                     return batch
                 self._cond.wait(timeout=max_wait - waited)
+
+    def _finish_batch(self) -> None:
+        with self._cond:
+            self._running = False
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
@@ -120,6 +142,8 @@ class _DeviceWorker:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(EngineFailure("internal error while running this batch"))
+            finally:
+                self._finish_batch()
 
 
 class Batcher:

@@ -56,6 +56,32 @@ def test_compatible_requests_share_batches_up_to_the_limit(manager):
     batcher.stop()
 
 
+def test_a_lone_request_into_a_quiet_server_does_not_wait_to_fill_a_batch(manager):
+    # At low load waiting max_wait_ms buys no batch-mates, only latency: the request runs at once.
+    batcher = make_batcher(manager, max_wait_ms=60_000)
+    (future,) = submit(batcher, manager, [7])
+    done, _ = wait([future], timeout=TIMEOUT_S)
+    assert done and future.result().batch_size == 1
+    batcher.stop()
+
+
+def test_requests_arriving_during_a_batch_run_together_as_soon_as_it_ends(manager):
+    engine = manager.get("m").engine
+    engine.gate = threading.Event()
+    batcher = make_batcher(manager, max_wait_ms=60_000)
+    first = submit(batcher, manager, [0])  # runs at once and holds the device
+    deadline = time.monotonic() + TIMEOUT_S
+    while batcher.depth and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the worker has taken it (it then waits at the gate)
+    later = [submit(batcher, manager, [seed])[0] for seed in (1, 2, 3)]  # one at a time, as clients do
+    engine.gate.set()
+    done, _ = wait(first + later, timeout=TIMEOUT_S)
+    assert len(done) == 4
+    # They waited for the device, not for max_wait_ms, and shared one pass.
+    assert engine.batches == [1, 3]
+    batcher.stop()
+
+
 def test_requests_that_cannot_share_a_pass_are_batched_apart(manager):
     batcher = make_batcher(manager)
     one_step = submit(batcher, manager, [1, 2], num_inference_steps=1)
