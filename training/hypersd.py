@@ -264,7 +264,8 @@ def export_hypersd(
     """Write `folder` with only flashstep.json and the diffusers/PEFT LoRA file (`unet.`-prefixed keys)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    layers = {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    # fp16 on disk halves the file (the shipped set must stay under 40 MB); loaders upcast on CPU.
+    layers = {k: v.detach().half().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
     StableDiffusionPipeline.save_lora_weights(
         folder,
         unet_lora_layers=layers,

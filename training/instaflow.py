@@ -220,6 +220,7 @@ def train_instaflow(
     pair_timer = Timer(run_dir / "pairs")
     generate_pairs(teacher, cfg, run_dir / "pairs", progress=progress)
     pair_timer.save()
+    pairs_seconds = pair_timer.seconds  # read now: the timer keeps counting while later stages run
     pairs = load_pairs(run_dir / "pairs")
 
     def reflow_loss(unet, z, x, embeds, step, gen):
@@ -248,12 +249,12 @@ def train_instaflow(
     )
 
     report = {
-        "pairs_seconds": round(pair_timer.seconds),
+        "pairs_seconds": round(pairs_seconds),
         "reflow_seconds": round(reflow_seconds),
         "distill_seconds": round(distill_seconds),
         "config": _jsonable(cfg),
     }
-    total = pair_timer.seconds + reflow_seconds + distill_seconds
+    total = pairs_seconds + reflow_seconds + distill_seconds
     teacher_name = teacher.folder.name
     if export_2rf is not None:
         config = FlashstepConfig(
@@ -266,7 +267,7 @@ def train_instaflow(
             base=teacher.folder.name,
             resolution=teacher.config.resolution,
             provenance=Provenance(
-                "reflow", teacher_name, cfg.reflow_steps, cfg.batch_size, pair_timer.seconds + reflow_seconds,
+                "reflow", teacher_name, cfg.reflow_steps, cfg.batch_size, pairs_seconds + reflow_seconds,
                 {"pairs": cfg.pairs, "pair_sampler": f"dpmpp_2m x{cfg.pair_steps}, cfg {cfg.pair_guidance}"},
             ).to_dict(),
         )
