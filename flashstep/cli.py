@@ -105,9 +105,64 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = TeacherTrainConfig(steps=args.steps or TeacherTrainConfig.steps, arch=arch)
         out = args.out or SHIPPED_MODELS_DIR / "shapes-teacher"
         report = train_teacher(cfg, runs / "vae" / "vae", runs / "teacher", out)
+    elif args.stage in DISTILL_STAGES:
+        report = _train_distilled(args)
     else:  # pragma: no cover - argparse restricts the choices
         raise SystemExit(f"unknown stage {args.stage}")
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    return 0
+
+
+# Distillation recipes: stage -> (module, config class, train function, export names, tiny overrides).
+DISTILL_STAGES = {
+    "instaflow": (
+        "training.instaflow", "InstaFlowTrainConfig", "train_instaflow", ("shapes-2rf", "shapes-instaflow"),
+        dict(pairs=8, pair_steps=2, pair_batch=4, reflow_steps=2, distill_steps=2, perceptual_steps=1, batch_size=2),
+    ),
+    "swiftbrush": (
+        "training.swiftbrush", "SwiftBrushTrainConfig", "train_swiftbrush", ("shapes-swiftbrush",),
+        dict(steps=2, batch_size=2, save_every=1),
+    ),
+    "hypersd": (
+        "training.hypersd", "HyperSDTrainConfig", "train_hypersd", ("shapes-hypersd",),
+        dict(latents=16, stage_steps=(1, 1, 1, 1), batch_size=2, save_every=2),
+    ),
+}  # fmt: skip
+
+
+def _train_distilled(args: argparse.Namespace) -> dict:
+    """Run one distillation recipe on `--teacher`; exports go to `--out` (default: the shipped models)."""
+    import dataclasses
+    import importlib
+
+    from models.registry import SHIPPED_MODELS_DIR
+
+    module_name, cfg_name, fn_name, exports, tiny = DISTILL_STAGES[args.stage]
+    module = importlib.import_module(module_name)
+    cfg = getattr(module, cfg_name)()
+    if args.tiny:
+        cfg = dataclasses.replace(cfg, **tiny)
+    if args.steps:
+        lengths = {}
+        for f in dataclasses.fields(cfg):
+            if f.name in STEP_FIELDS:
+                value = getattr(cfg, f.name)
+                lengths[f.name] = (args.steps,) * len(value) if isinstance(value, tuple) else args.steps
+        cfg = dataclasses.replace(cfg, **lengths)
+    out = Path(args.out or SHIPPED_MODELS_DIR)
+    teacher = Path(args.teacher or SHIPPED_MODELS_DIR / "shapes-teacher")
+    train = getattr(module, fn_name)
+    return train(cfg, Path(args.runs) / args.stage, *(out / name for name in exports), teacher_dir=teacher)
+
+
+# `--steps N` sets every training-length field a recipe config has (smoke runs, quick trials).
+STEP_FIELDS = ("steps", "reflow_steps", "distill_steps", "student_steps", "stage_steps")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from training.report import REPORT_DIR, run_report
+
+    run_report(seeds=args.seeds, models_root=args.models_root, out=Path(args.out or REPORT_DIR))
     return 0
 
 
@@ -140,6 +195,31 @@ def _cmd_serve(argv: list[str]) -> int:
     return serve_main(argv) or 0
 
 
+# `flashstep bench <name> [flags]` -> bench/<module>.main(flags); each has its own --help.
+BENCH_COMMANDS = {
+    "cpu": ("bench.cpu", "the whole CPU set (make bench): latency, load, sd15; bench/results/cpu.json"),
+    "latency": ("bench.latency", "in-process latency of every shipped model x steps x batch size"),
+    "load": ("bench.load", "HTTP load on flashstep and its peers (FastAPI per request, LitServe, in-process)"),
+    "sd15": ("bench.sd15_cpu", "SD1.5-size random-weight stages on the CPU at 512 px"),
+    "gpu": ("bench.gpu", "SD1.5-size fp16 scenarios per attention backend (needs CUDA; see bench/gpu.sh)"),
+}
+
+
+def _cmd_bench(argv: list[str]) -> int:
+    import importlib
+
+    usage = "usage: flashstep bench {" + ",".join(BENCH_COMMANDS) + "} [flags]   (flags: flashstep bench NAME --help)\n"
+    usage += "\n".join(f"  {name:8} {text}" for name, (_, text) in BENCH_COMMANDS.items())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if argv[0] not in BENCH_COMMANDS:
+        print(f"flashstep bench: unknown benchmark {argv[0]!r}\n{usage}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(BENCH_COMMANDS[argv[0]][0])
+    return module.main(argv[1:]) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashstep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,12 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_models)
 
     t = sub.add_parser("train", help="train a stage of the shapes world")
-    t.add_argument("stage", choices=["judge", "vae", "teacher"])
+    t.add_argument("stage", choices=["judge", "vae", "teacher", *DISTILL_STAGES])
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--runs", default=str(DEFAULT_RUNS), help="folder for resumable training state")
-    t.add_argument("--out", type=Path, default=None, help="export folder (default: the shipped one)")
+    t.add_argument("--out", type=Path, default=None, help="export folder; for distillation recipes the models folder their exports go in (default: the shipped one)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--teacher", type=Path, default=None, help="teacher folder to distil (default: shapes-teacher)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="ShapesBench: adherence, FD, diversity, negative efficacy, cost")
@@ -175,8 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write the report here")
     e.set_defaults(func=_cmd_eval)
 
+    r = sub.add_parser("report", help="ShapesBench table of every shipped generator (README figures)")
+    r.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
+    r.add_argument("--models-root", type=Path, default=None)
+    r.add_argument("--out", default=None, help="folder for shapesbench.json/.md (default: training/reports)")
+    r.set_defaults(func=_cmd_report)
+
     s = sub.add_parser("serve", help="run the HTTP server (flags: flashstep serve --help)", add_help=False)
     s.set_defaults(func=None)
+
+    b = sub.add_parser("bench", help="benchmarks: cpu (make bench), latency, load, sd15, gpu", add_help=False)
+    b.set_defaults(func=None)
     return parser
 
 
@@ -184,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
         return _cmd_serve(argv[1:])
+    if argv and argv[0] == "bench":
+        return _cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
