@@ -14,6 +14,8 @@ from models.errors import ForbiddenPathError, ModelNotFoundError
 from models.flashstep_config import CONFIG_NAME
 
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parent / "shipped"
+# The model a server with no `default_model` answers with: the best one-step student by ShapesBench.
+SHIPPED_DEFAULT_MODEL = "shapes-instaflow"
 _MARKERS = ("model_index.json", CONFIG_NAME)
 
 

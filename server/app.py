@@ -41,10 +41,20 @@ def startup_models(settings: Settings) -> list[str]:
         from models import registry  # heavy import (torch, diffusers): only when we need it
 
         names = sorted(registry.discover(settings.models_root))
-    if settings.default_model and settings.default_model in names:
-        names.remove(settings.default_model)
-        names.insert(0, settings.default_model)  # loaded first, so it serves first
+    default = default_model(settings, names)
+    if default in names:
+        names.remove(default)
+        names.insert(0, default)  # loaded first, so it serves first
     return names
+
+
+def default_model(settings: Settings, names: list[str]) -> str | None:
+    """The configured default, else the shipped one-step default when it is loaded, else None (first loaded)."""
+    from models.registry import SHIPPED_DEFAULT_MODEL
+
+    if settings.default_model:
+        return settings.default_model
+    return SHIPPED_DEFAULT_MODEL if SHIPPED_DEFAULT_MODEL in names else None
 
 
 def load_startup_models(settings: Settings, manager: ModelManager, lifecycle: Lifecycle) -> None:
@@ -56,8 +66,8 @@ def load_startup_models(settings: Settings, manager: ModelManager, lifecycle: Li
             raise RuntimeError(f"no models to serve: the models root {settings.models_root or '(shipped)'} holds none")
         for name in names:
             manager.load(name)
-        if settings.default_model:
-            manager.set_default(settings.default_model)
+        if default := default_model(settings, names):
+            manager.set_default(default)
     except Exception as exc:
         logger.exception("start-up model loading failed")
         lifecycle.set(Phase.FAILED, error=str(exc))

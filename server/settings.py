@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     models: Annotated[list[str] | None, NoDecode] = Field(
         None, description="Model names to load at start. Default: every shipped model and every one in models_root."
     )
-    default_model: str | None = Field(None, description="Model used when a request names none. Default: the first loaded.")
+    default_model: str | None = Field(None, description="Model used when a request names none. Default: shapes-instaflow when loaded, else the first loaded.")
     max_batch_size: int = Field(8, ge=1, le=256, description="Most images one forward pass may carry.")
     max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="Longest a request waits for a batch to fill.")
     queue_limit: int = Field(256, ge=1, description="Most images waiting for a batch; past it, 429.")

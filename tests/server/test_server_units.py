@@ -113,3 +113,14 @@ def test_settings_reject_unknown_attention_backends():
     assert Settings(attention_backend="math").attention_backend == "math"
     with pytest.raises(ValidationError, match="attention_backend"):
         Settings(attention_backend="warp-drive")
+
+
+def test_start_up_serves_the_shipped_one_step_default_unless_told_otherwise():
+    from models.registry import SHIPPED_DEFAULT_MODEL
+    from server.app import startup_models
+    from server.settings import Settings
+
+    shipped = startup_models(Settings())
+    assert shipped[0] == SHIPPED_DEFAULT_MODEL and "shapes-teacher" in shipped
+    assert startup_models(Settings(default_model="shapes-teacher"))[0] == "shapes-teacher"
+    assert startup_models(Settings(models=["shapes-teacher", "shapes-2rf"])) == ["shapes-teacher", "shapes-2rf"]
