@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.report import RESULTS_DIR, new_report, print_table, pyplot, write_report
+from bench.report import RESULTS_DIR, new_report, print_table, pyplot, save_figure, write_report
 
 BACKENDS = ("sdpa", "triton", "xformers", "math")
 MODEL = "sd15-random"
@@ -82,9 +82,7 @@ def plot_backends(rows: list[dict], path: Path, title: str) -> bool:
     ax.set_ylabel("ms per image (median)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.report import RESULTS_DIR, new_report, percentile, print_table, pyplot, write_report
+from bench.report import RESULTS_DIR, new_report, percentile, print_table, pyplot, save_figure, write_report
 from bench.workload import unique_prompts
 
 TEACHER = "shapes-teacher"
@@ -220,9 +220,7 @@ def plot_latency(rows: list[dict], path: Path) -> bool:
     ax.set_title("in-process latency (Engine.generate)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -36,7 +36,16 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import REPO_ROOT, RESULTS_DIR, new_report, percentile, print_table, pyplot, write_report
+from bench.report import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    new_report,
+    percentile,
+    print_table,
+    pyplot,
+    save_figure,
+    write_report,
+)
 from bench.servers import (
     BatchSettings,
     Runtime,
@@ -277,9 +286,7 @@ def plot_load(rows: list[dict], in_process: dict | None, path: Path, title: str)
         ax.legend(fontsize=8)
     ax_p.set_yscale("log")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

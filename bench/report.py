@@ -165,3 +165,12 @@ def pyplot():
         print("matplotlib not installed: no PNG plot (pip install matplotlib)", flush=True)
         return None
     return plt
+
+
+def save_figure(fig, path) -> None:
+    """Lay out, write as PNG and free a figure: every bench plot ends the same way."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

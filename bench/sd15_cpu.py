@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.report import RESULTS_DIR, new_report, percentile, print_table, pyplot, write_report
+from bench.report import RESULTS_DIR, new_report, percentile, print_table, pyplot, save_figure, write_report
 from bench.sd15_arch import LATENT_SIZE, TEXT_TOKENS, build_sd15, count_parameters
 
 TEACHER_STEPS = 25
@@ -120,9 +120,7 @@ def plot_stages(figures: dict, path: Path, title: str) -> bool:
     ax.set_xlabel("seconds per image")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
