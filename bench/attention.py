@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
+from bench.report import REPO_ROOT, RESULTS_DIR, git_info
+
 HEADS = 8
 TEXT_TOKENS = 77
 # SD1.5 UNet levels at 64x64 latents: (tokens, head dim) = (64*64, 320/8), (32*32, 640/8), (16*16, 1280/8).
@@ -168,21 +168,6 @@ def print_table(results: list[dict], names: list[str]) -> None:
         print(line)
 
 
-def git_commit() -> dict:
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    status = git("status", "--porcelain")
-    return {
-        "commit": git("rev-parse", "HEAD") or "unknown",
-        "dirty": bool(status) if status is not None else None,
-    }
-
-
 def machine() -> dict:
     import triton
 
@@ -275,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "attention",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git": git_commit(),
+        "git": git_info(),
         "machine": machine(),
         "settings": {
             "dtype": str(dtype).removeprefix("torch."),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -41,6 +42,11 @@ def _unflatten_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[
     for idx, scalars in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(scalars)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def config_dict(cfg) -> dict:
+    """A frozen config dataclass as plain JSON types (tuples as lists): the `config` saved with train state."""
+    return json.loads(json.dumps(asdict(cfg), default=list))
 
 
 def save_train_state(

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,7 @@ from tqdm import tqdm
 from models.flashstep_config import FlashstepConfig
 from models.registry import discover
 from models.schedule import trailing_timesteps
-from training.checkpointing import load_train_state, save_train_state
+from training.checkpointing import config_dict, load_train_state, save_train_state
 from training.data import render_dataset
 from training.distill import (
     DEFAULT_TEACHER,
@@ -343,7 +343,7 @@ def train_hypersd(
         bar.set_postfix(k=k, loss=f"{loss.item():.4f}", refresh=False)  # refresh would bypass mininterval
         stage_end = local + 1 == cfg.stage_steps[stage]
         if (step + 1) % cfg.save_every == 0 or stage_end:
-            save_train_state(state_dir, step + 1, {"unet": unet}, {"lora": opt}, _jsonable(cfg))
+            save_train_state(state_dir, step + 1, {"unet": unet}, {"lora": opt}, config_dict(cfg))
             timer.save()
 
     report = {
@@ -353,7 +353,7 @@ def train_hypersd(
         "seconds_per_step": round((time.time() - loop_start) / max(total - start, 1), 3),
         # Mean loss per stage over this call's steps (a resumed run reports only what it trained).
         "losses": {name: float(np.mean(v)) for name, v in losses.items()},
-        "config": _jsonable(cfg),
+        "config": config_dict(cfg),
     }
     if export_dir is not None:
         provenance = Provenance(
@@ -365,6 +365,3 @@ def train_hypersd(
     (run_dir / "hypersd_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
-
-def _jsonable(cfg) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=list))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from models.denoiser import Conditioning, Denoiser
 from models.families.teacher import sample_dpmpp_2m
 from models.flashstep_config import FlashstepConfig
 from models.schedule import NoiseSchedule, linspace_timesteps
-from training.checkpointing import EMA, load_train_state, save_train_state
+from training.checkpointing import EMA, config_dict, load_train_state, save_train_state
 from training.distill import (
     DEFAULT_TEACHER,
     PromptSampler,
@@ -177,7 +177,7 @@ def _train_stage(
         ema.update(unet, step)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
-            save_train_state(run_dir, step + 1, {"unet": unet, "ema": ema.module}, {"unet": opt}, _jsonable(cfg))
+            save_train_state(run_dir, step + 1, {"unet": unet, "ema": ema.module}, {"unet": opt}, config_dict(cfg))
             timer.save()
     if start >= steps:
         load_train_state(run_dir, {"ema": ema.module}, {})
@@ -252,7 +252,7 @@ def train_instaflow(
         "pairs_seconds": round(pairs_seconds),
         "reflow_seconds": round(reflow_seconds),
         "distill_seconds": round(distill_seconds),
-        "config": _jsonable(cfg),
+        "config": config_dict(cfg),
     }
     total = pairs_seconds + reflow_seconds + distill_seconds
     teacher_name = teacher.folder.name
@@ -292,6 +292,3 @@ def train_instaflow(
     (run_dir / "instaflow_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
-
-def _jsonable(cfg) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=list))

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from models.flashstep_config import FlashstepConfig
-from training.checkpointing import EMA, load_train_state, save_train_state
+from training.checkpointing import EMA, config_dict, load_train_state, save_train_state
 from training.distill import (
     DEFAULT_TEACHER,
     PromptSampler,
@@ -288,7 +288,7 @@ def train_swiftbrush(
         history.append({"step": step + 1, "vsd": vsd.item(), "lora": lora.item()})
         bar.set_postfix(vsd=f"{vsd.item():.2e}", lora=f"{lora.item():.4f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_train_state(run_dir, step + 1, modules, optimizers, _jsonable(cfg))
+            save_train_state(run_dir, step + 1, modules, optimizers, config_dict(cfg))
             timer.save()
             (run_dir / "probes").mkdir(exist_ok=True)
             sample_grid(teacher, ema.module).save(run_dir / "probes" / f"step_{step + 1:05d}.png")
@@ -296,7 +296,7 @@ def train_swiftbrush(
                 f.writelines(json.dumps(h) + "\n" for h in history)
             history = []
 
-    report = {"seconds": round(timer.seconds), "steps": cfg.steps, "config": _jsonable(cfg)}
+    report = {"seconds": round(timer.seconds), "steps": cfg.steps, "config": config_dict(cfg)}
     if export_dir is not None:
         kind = f"fixed {cfg.guidance}" if cfg.guidance is not None else f"PG-SB kappa ~ U{cfg.guidance_range}"
         config = FlashstepConfig(
@@ -321,6 +321,3 @@ def train_swiftbrush(
     (run_dir / "swiftbrush_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
-
-def _jsonable(cfg) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=list))

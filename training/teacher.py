@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from transformers import CLIPTokenizer
 
 from models.flashstep_config import FlashstepConfig
 from training.architecture import ShapesArch, build_text_encoder, build_unet
-from training.checkpointing import EMA, load_train_state, save_train_state
+from training.checkpointing import EMA, config_dict, load_train_state, save_train_state
 from training.data import render_dataset
 from training.export import export_servable, git_commit, training_scheduler
 from training.shapes import ATTRIBUTES, random_caption
@@ -147,9 +147,9 @@ def train_teacher(
         ema.update(model, step)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_train_state(run_dir, step + 1, {"model": model, "ema": ema.module}, {"model": opt}, _jsonable(cfg))
+            save_train_state(run_dir, step + 1, {"model": model, "ema": ema.module}, {"model": opt}, config_dict(cfg))
 
-    report = {"final_loss": float(loss.item()), "seconds": time.time() - t0, "steps": cfg.steps, "config": _jsonable(cfg)}
+    report = {"final_loss": float(loss.item()), "seconds": time.time() - t0, "steps": cfg.steps, "config": config_dict(cfg)}
     if export_dir is not None:
         export_teacher(ema.module, vae, tokenizer, cfg, export_dir, seconds=report["seconds"])
     (run_dir / "teacher_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -212,6 +212,3 @@ def export_teacher(
         export_dir, unet=model["unet"], vae=vae, text_encoder=model["text_encoder"], tokenizer=tokenizer, config=config
     )
 
-
-def _jsonable(cfg) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=list))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL
 from tqdm import tqdm
 
 from training.architecture import ShapesArch, build_vae
-from training.checkpointing import load_train_state, save_train_state
+from training.checkpointing import config_dict, load_train_state, save_train_state
 from training.data import render_dataset
 
 
@@ -111,7 +111,7 @@ def train_vae(
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_train_state(run_dir, step + 1, {"vae": vae}, {"vae": opt}, _jsonable(cfg))
+            save_train_state(run_dir, step + 1, {"vae": vae}, {"vae": opt}, config_dict(cfg))
     vae.eval()
     x, _, _ = data.batch(np.arange(min(512, len(data))))
     inherited = Path(init_from or "", "vae", "config.json")
@@ -127,7 +127,7 @@ def train_vae(
         "recon_mae_255": float((recon - x[:256]).abs().mean() * 127.5),
         "scaling_factor": vae.config.scaling_factor,
         "seconds": time.time() - t0,
-        "config": _jsonable(cfg),
+        "config": config_dict(cfg),
     }
     (run_dir / "vae_report.json").write_text(json.dumps(report, indent=2) + "\n")
     vae.save_pretrained(run_dir / "vae")
@@ -160,6 +160,3 @@ def train_vae_recipe(
     report = {**report, "seconds": joint_report["seconds"] + report["seconds"], "joint": joint_report}
     return vae, report
 
-
-def _jsonable(cfg) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=list))
