@@ -23,6 +23,7 @@ import argparse
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -133,13 +134,18 @@ def run(folder: Path, plan: GpuPlan, *, out_dir: Path = RESULTS_DIR, started: fl
             skipped[backend] = why
             print(f"skipping {backend}: {why}", flush=True)
             continue
-        result = latency.run(
-            models, teacher=folder.name, teacher_steps=plan.teacher_steps,
-            batch_sizes=plan.batch_sizes[:1] if backend == "math" else plan.batch_sizes,
-            budget=latency.TimingBudget(*plan.timing),
-            device=plan.device, dtype=plan.dtype, attention_backend=backend,
-            name=f"gpu_latency_{backend}", out_dir=out_dir,
-        )  # fmt: skip
+        try:
+            result = latency.run(
+                models, teacher=folder.name, teacher_steps=plan.teacher_steps,
+                batch_sizes=plan.batch_sizes[:1] if backend == "math" else plan.batch_sizes,
+                budget=latency.TimingBudget(*plan.timing),
+                device=plan.device, dtype=plan.dtype, attention_backend=backend,
+                name=f"gpu_latency_{backend}", out_dir=out_dir,
+            )  # fmt: skip
+        except Exception as exc:  # one broken backend must not cost the others' figures on a lent GPU
+            skipped[backend] = f"failed: {type(exc).__name__}: {exc}"[:500]
+            print(f"{backend} failed:\n{traceback.format_exc()}", flush=True)
+            continue
         rows.append(backend_row(backend, result))
     ratios = {}
     if not plan.with_load:
@@ -148,11 +154,16 @@ def run(folder: Path, plan: GpuPlan, *, out_dir: Path = RESULTS_DIR, started: fl
         skipped["load"] = f"time budget: {left():.0f} s left, about {ESTIMATE_S['load']} s needed"
     else:
         load_plan = load.LoadPlan(requests={1: 20, 4: 40, 16: 80, 64: 128}, warmup=16, time_cap_s=30, in_process_requests=20)
-        result = load.run(
-            folder, Workload(1, 0.0, plan.resolution), plan=load_plan, runtime=Runtime(plan.device, plan.dtype),
-            name="gpu_load", out_dir=out_dir,
-        )  # fmt: skip
-        ratios = {k: result["figures"][k] for k in load.TARGETS} | {"zero_errors": result["figures"]["zero_errors"]}
+        try:
+            result = load.run(
+                folder, Workload(1, 0.0, plan.resolution), plan=load_plan, runtime=Runtime(plan.device, plan.dtype),
+                name="gpu_load", out_dir=out_dir,
+            )  # fmt: skip
+        except Exception as exc:
+            skipped["load"] = f"failed: {type(exc).__name__}: {exc}"[:500]
+            print(f"load failed:\n{traceback.format_exc()}", flush=True)
+        else:
+            ratios = {k: result["figures"][k] for k in load.TARGETS} | {"zero_errors": result["figures"]["zero_errors"]}
     report["backends"] = rows
     report["skipped"] = skipped
     sdpa = next((r for r in rows if r["backend"] == "sdpa"), rows[0] if rows else None)

@@ -54,3 +54,26 @@ def test_gpu_run_tables_each_runnable_backend_and_says_why_others_were_skipped(b
     assert report["backends"][1]["one_step_b4_s"] is None  # math runs batch 1 only
     assert report["sd15_one_step_fp16_b1_s"] == sdpa["one_step_b1_s"]
     assert {p.name for p in tmp_path.iterdir()} >= {"gpu.json", "gpu.png", "gpu_latency_sdpa.json", "gpu_latency_math.json"}
+
+
+def test_a_backend_that_raises_is_reported_as_failed_and_the_others_still_run(bench_models, tmp_path, monkeypatch):
+    """A lent GPU is minutes long: one backend's crash must not cost the other backends' figures."""
+    from bench import latency
+
+    real_run = latency.run
+
+    def run_or_break(*args, attention_backend, **kwargs):
+        if attention_backend == "sdpa":
+            raise RuntimeError("kernel launch failed")
+        return real_run(*args, attention_backend=attention_backend, **kwargs)
+
+    monkeypatch.setattr(latency, "run", run_or_break)
+    plan = gpu.GpuPlan(
+        device="cpu", dtype="float32", backends=("sdpa", "math"), teacher_steps=2,
+        with_load=False, resolution=64, batch_sizes=(1,), timing=(1, 0.0, 1),
+    )  # fmt: skip
+    report = gpu.run(bench_models / "tiny-teacher", plan, out_dir=tmp_path)
+
+    assert [r["backend"] for r in report["backends"]] == ["math"]
+    assert report["skipped"]["sdpa"] == "failed: RuntimeError: kernel launch failed"
+    assert (tmp_path / "gpu.json").exists()
