@@ -84,6 +84,27 @@ def xformers_importable() -> bool:
     return _importable("xformers.ops")
 
 
+@functools.cache
+def xformers_kernels_run() -> bool:
+    """xformers' attention runs one tiny float16 call on this CUDA device.
+
+    A wheel built for another torch/CUDA imports cleanly but ships no kernels ("xFormers wasn't
+    built with CUDA support"); seen on an H200 with xformers 0.0.35 under torch 2.11+cu130. Only a
+    call tells the two apart, so the probe makes one (once per process) instead of failing mid-request.
+    """
+    if not (cuda_available() and xformers_importable()):
+        return False
+    import xformers.ops as xops
+
+    q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.float16)  # (B, L, H, D): xformers' layout
+    try:
+        xops.memory_efficient_attention(q, q, q)
+    except (NotImplementedError, RuntimeError, ValueError) as exc:
+        logger.debug("capability probe: xformers attention failed: %s: %s", type(exc).__name__, exc)
+        return False
+    return True
+
+
 def sdpa_available() -> bool:
     """torch has scaled_dot_product_attention (torch >= 2.0)."""
     return hasattr(F, "scaled_dot_product_attention")
@@ -93,7 +114,7 @@ REQUIREMENTS: dict[AttentionBackend, tuple[Callable[[], bool], ...]] = {
     AttentionBackend.SDPA: (sdpa_available,),
     AttentionBackend.MATH: (),
     AttentionBackend.TRITON: (triton_importable, cuda_or_triton_interpreter),
-    AttentionBackend.XFORMERS: (xformers_importable, cuda_available),
+    AttentionBackend.XFORMERS: (xformers_importable, cuda_available, xformers_kernels_run),
 }
 
 # ----- input checks: (q) -> bool, checked per call -----

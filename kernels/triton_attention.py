@@ -35,10 +35,20 @@ def _interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+# Per-block shared memory every config must fit: A100's opt-in limit (163 KB) less headroom, so one
+# config set serves sm80 and sm90 (227 KB). Checked against compiled kernels in test_triton_compile.
+SHARED_MEMORY_BUDGET = 160 * 1024
+
+
 def autotune_configs() -> list[triton.Config]:
     """Launch configs to tune over; a single small one under the CPU interpreter (tests stay fast)."""
     if _interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return autotune_configs_for_gpu()
+
+
+def autotune_configs_for_gpu() -> list[triton.Config]:
+    """The compiled-mode configs, whatever mode this process is in (the compile tests read them)."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [
@@ -49,23 +59,41 @@ def autotune_configs() -> list[triton.Config]:
             (64, 64, 8, 2),  # 8 warps spread the (64, 256) fp32 accumulator of head dim 160
             (64, 32, 4, 4),
             (64, 32, 8, 2),
-            (32, 64, 4, 3),  # last: the fallback when pruning leaves nothing
+            (32, 64, 4, 3),
+            (32, 32, 4, 1),  # last: fits every dtype and head dim; the fallback when pruning leaves nothing
         ]
     ]
 
 
+def shared_memory_estimate(config: triton.Config, head_dim_pad: int, element_size: int) -> int:
+    """Upper bound on the shared memory (bytes) a config takes: the Q tile plus pipelined K and V tiles.
+
+    Triton's software pipeline keeps `num_stages - 1` K and V tiles in flight (at least one of each),
+    and Q's tile is staged once; float32 also stages the (BLOCK_M, BLOCK_N) probabilities for the
+    P @ V dot (the compiler's figures: 4 * BLOCK_M * BLOCK_N plus at most 512 bytes). float32 at
+    head dim 256 (160 padded) is what overflowed: the (32, 64, 4, 3) config asked for 303,232 bytes on
+    an H200 (limit 232,448) before this check.
+    """
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    buffers = max(config.num_stages - 1, 1)
+    tiles = element_size * head_dim_pad * (bm + 2 * buffers * bn)
+    return tiles + (4 * bm * bn + 1024 if element_size == 4 else 0)
+
+
 def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop configs whose tiles cannot fit or only waste work for this shape bucket."""
+    """Drop configs whose tiles cannot fit shared memory or only waste work for this shape bucket."""
     head_dim_pad = kwargs.get("HEAD_DIM_PAD", named_args.get("HEAD_DIM_PAD"))
+    element_size = named_args["Q"].element_size()
+    fitting = [
+        c for c in configs if shared_memory_estimate(c, head_dim_pad, element_size) <= SHARED_MEMORY_BUDGET
+    ]
     kept = []
-    for config in configs:
+    for config in fitting:
         bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        if head_dim_pad >= 256 and (bm > 64 or bn > 64):
-            continue  # q, k and v tiles of (128, 256) overflow shared memory
         if bn > max(named_args["LK_BUCKET"], 32) or bm > max(named_args["LQ_BUCKET"], 32):
             continue  # a tile wider than the whole (bucketed) sequence is pure padding
         kept.append(config)
-    return kept or configs[-1:]
+    return kept or fitting[-1:] or configs[-1:]
 
 
 def shape_bucket(length: int) -> int:

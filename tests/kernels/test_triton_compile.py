@@ -65,16 +65,20 @@ for kernel, dtype, head_dim, bm, bn, warps, stages, even_n, sm in json.loads(sys
         target=GPUTarget("cuda", sm, 32),
         options={"num_warps": warps, "num_stages": stages},
     )
-    results.append({"shared": compiled.metadata.shared, "has_cubin": bool(compiled.asm.get("cubin"))})
+    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+    estimate = triton_attention.shared_memory_estimate(config, constexprs["HEAD_DIM_PAD"], DTYPES[dtype].itemsize)
+    results.append({"shared": compiled.metadata.shared, "estimate": estimate, "has_cubin": bool(compiled.asm.get("cubin"))})
 print(json.dumps(results))
 """
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
+needs_nvidia_backend = pytest.mark.skipif(
     importlib.util.find_spec("triton.backends.nvidia") is None, reason="this triton has no NVIDIA backend"
 )
-def test_kernels_compile_for_sm80_and_sm90_within_shared_memory():
+
+
+def compile_cases(cases: list[tuple]) -> list[dict]:
+    """Compile each case in a fresh interpreter (this one decorated the kernels for the interpreter)."""
     env = {
         **os.environ,
         "TRITON_INTERPRET": "0",
@@ -82,7 +86,7 @@ def test_kernels_compile_for_sm80_and_sm90_within_shared_memory():
         "PYTHONPATH": str(REPO_ROOT),
     }
     proc = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT, json.dumps(CASES)],
+        [sys.executable, "-c", COMPILE_SCRIPT, json.dumps(cases)],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -90,7 +94,49 @@ def test_kernels_compile_for_sm80_and_sm90_within_shared_memory():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for case, result in zip(CASES, results, strict=True):
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@needs_nvidia_backend
+def test_kernels_compile_for_sm80_and_sm90_within_shared_memory():
+    for case, result in zip(CASES, compile_cases(CASES), strict=True):
         assert result["has_cubin"], case
         assert 0 < result["shared"] <= SHARED_MEMORY_BYTES[case[-1]], (case, result)
+
+
+def kept_configs(dtype: str, head_dim_pad: int, lq_bucket: int, lk_bucket: int) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of every config the autotuner may launch for a shape."""
+    import torch
+
+    from kernels import triton_attention
+
+    element_size = {"fp16": 2, "bf16": 2, "fp32": 4}[dtype]
+    q = torch.empty(0, dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    assert q.element_size() == element_size
+    configs = triton_attention.prune_configs(
+        triton_attention.autotune_configs_for_gpu(),
+        {"Q": q, "LQ_BUCKET": lq_bucket, "LK_BUCKET": lk_bucket},
+        HEAD_DIM_PAD=head_dim_pad,
+    )
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
+
+
+@pytest.mark.slow
+@needs_nvidia_backend
+def test_every_float32_config_the_autotuner_may_launch_fits_shared_memory():
+    """float32 tiles are the widest: an H200 refused a float32 config at head dim 160 (303,232 bytes of
+    shared memory against 232,448). Pruning now drops configs whose estimate exceeds the budget; the
+    compiler must agree with the estimate for every float32 config left (head dims 80 and 160, both
+    kernels, sm90 and sm80) and for the largest half-precision one. (A sweep of every kept config,
+    all dtypes, took under three minutes and found no half-precision config above its estimate.)"""
+    from kernels.triton_attention import SHARED_MEMORY_BUDGET
+
+    cases = [("attn", "fp32", hd, *c, False, 90) for hd, pad in ((80, 128), (160, 256)) for c in kept_configs("fp32", pad, 4096, 4096)]
+    cases += [("nasa", "fp32", 160, *c, True, 90) for c in kept_configs("fp32", 256, 4096, 128)]
+    cases += [("attn", "fp32", 160, *c, False, 80) for c in kept_configs("fp32", 256, 4096, 128)]
+    cases += [("attn", "fp16", 160, *kept_configs("fp16", 256, 4096, 4096)[0], True, 90)]
+    for case, result in zip(cases, compile_cases(cases), strict=True):
+        assert result["has_cubin"], case
+        assert result["estimate"] <= SHARED_MEMORY_BUDGET <= SHARED_MEMORY_BYTES[80], (case, result)
+        assert 0 < result["shared"] <= result["estimate"], (case, result)
