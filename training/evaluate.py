@@ -136,6 +136,7 @@ def evaluate_model(opts: EvalOptions, engine=None) -> dict:
         held_idx = [i for i, h in enumerate(heldout) if h]
         report["adherence"] = metrics.adherence([named[i] for i in seen_idx], [judged[i] for i in seen_idx])
         report["adherence_heldout"] = metrics.adherence([named[i] for i in held_idx], [judged[i] for i in held_idx])
+        report["attribute_accuracy"] = metrics.attribute_accuracy(named, judged[:n_pos])
 
         ref = reference_renders(positives, opts.seeds)
         ref_feats, ref_preds = judge.read(ref)
@@ -178,5 +179,8 @@ def print_report(report: dict) -> None:
             value = report[key]
             text = f"{value:.4f}" if isinstance(value, float) else str(value)
             print(f"{key:<{width}}  {text}")
+    if report.get("attribute_accuracy"):
+        per = ", ".join(f"{k} {v:.3f}" for k, v in report["attribute_accuracy"].items())
+        print(f"{'attribute_accuracy':<{width}}  {per}")
     print(f"(diversity over {report.get('diversity_pairs', 0)} prompt x left-out-attribute pairs, "
           f"{report['seeds_per_prompt']} seeds each)")

@@ -17,6 +17,19 @@ def adheres(named: dict[str, str], judged: dict[str, str]) -> bool:
     return all(judged.get(name) == value for name, value in named.items())
 
 
+def attribute_accuracy(named: Sequence[dict[str, str]], judged: Sequence[dict[str, str]]) -> dict[str, float]:
+    """Per attribute, the fraction of images that draw it as the prompt names it.
+
+    Adherence needs every named attribute at once, so it hides which one a model misses; this
+    splits it, counting each attribute only over the prompts that name it.
+    """
+    hits: dict[str, list[bool]] = {}
+    for n, j in zip(named, judged, strict=True):
+        for name, value in n.items():
+            hits.setdefault(name, []).append(j.get(name) == value)
+    return {name: float(np.mean(h)) for name, h in sorted(hits.items())}
+
+
 def adherence(named: Sequence[dict[str, str]], judged: Sequence[dict[str, str]]) -> float | None:
     """Fraction of images adhering to their prompt; None when there are no images."""
     if not named:

@@ -106,22 +106,29 @@ def _f(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _attributes(r: dict) -> str:
+    """Per-attribute accuracy for the three attributes that decide adherence (size and background are ~1)."""
+    acc = r.get("attribute_accuracy") or {}
+    return " / ".join(_f(acc.get(name), 2) for name in ("shape", "color", "position"))
+
+
 def markdown(results: list[dict], seeds: int) -> str:
     """The three tables, with the command that made them."""
     lines = [f"ShapesBench, {seeds} seeds per prompt (`flashstep report --seeds {seeds}`).", ""]
     lines += [
-        "| model | UNet evals | s/image | adherence seen | adherence held-out | FD | diversity |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | UNet evals | s/image | adherence seen | adherence held-out | FD | diversity "
+        "| shape / color / position drawn as named |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r["row"]["section"] != "quality":
             continue
         if r.get("missing"):
-            lines.append(f"| {r['label']} | not installed | | | | | |")
+            lines.append(f"| {r['label']} | not installed | | | | | | |")
             continue
         lines.append(
             f"| {r['label']} | {r['unet_evals_per_image']} | {_f(r['seconds_per_image'], 4)} | {_f(r['adherence'])} "
-            f"| {_f(r['adherence_heldout'])} | {_f(r['fd'], 0)} | {_f(r['diversity'])} |"
+            f"| {_f(r['adherence_heldout'])} | {_f(r['fd'], 0)} | {_f(r['diversity'])} | {_attributes(r)} |"
         )
     lines += [
         "",

@@ -13,6 +13,17 @@ def test_adherence_needs_every_named_attribute():
     assert metrics.adherence([], []) is None
 
 
+def test_attribute_accuracy_counts_each_attribute_over_the_prompts_that_name_it():
+    named = [{"shape": "circle", "color": "red"}, {"shape": "star"}, {"position": "left"}]
+    judged = [
+        {"shape": "circle", "color": "blue", "position": "top"},
+        {"shape": "square", "color": "red", "position": "top"},
+        {"shape": "star", "color": "red", "position": "left"},
+    ]
+    assert metrics.attribute_accuracy(named, judged) == {"color": 0.0, "position": 1.0, "shape": 0.5}
+    assert metrics.attribute_accuracy([], []) == {}
+
+
 def test_frechet_distance_of_identical_gaussians_is_zero_and_grows_with_shift():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(4000, 6))

@@ -92,6 +92,7 @@ def test_eval_writes_every_report_key(tiny_teacher, tiny_judge, tmp_path):
     for key in ("adherence", "adherence_heldout", "fd", "diversity", "unet_evals_per_image",
                 "seconds_per_image", "n_images", "negative_efficacy"):
         assert key in report and report[key] is not None, key
+    assert set(report["attribute_accuracy"]) == {"shape", "color"}  # only what the positives name
     assert report["n_images"] == 2 * 2 + 2 * 2  # positives, plus negatives with and without
     assert report["unet_evals_per_image"] == 4  # 2 steps with CFG
 
