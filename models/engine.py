@@ -225,6 +225,8 @@ class Engine:
         return mods + ([self.vae_tiny] if self.vae_tiny is not None else [])
 
     def _read_base_guidance(self) -> float:
+        if self.config.hybrid_guidance_scale is not None:
+            return self.config.hybrid_guidance_scale
         if self.base_path is None:
             return TEACHER_DEFAULT_GUIDANCE
         if (self.base_path / CONFIG_NAME).is_file():

@@ -32,6 +32,11 @@ class FlashstepConfig:
         DMD2-SD1.5; 399 for DMD2-SDXL one-step; 800 for Hyper-SDXL one-step UNet).
     eta: TCD stochasticity (Hyper-SD: 1.0 for one step, lower for more steps).
     base: name or path of the base model (Hyper-SD LoRA base; the diversity hybrid's first step).
+    hybrid_guidance_scale: CFG scale of the base model's step in a diversity hybrid when the request
+        gives none; None means the base's own default. A separate knob because that step predicts
+        x0 from pure noise, where CFG's push is multiplied by sigma/alpha (~15 at t = 999): a scale
+        that suits the base's full sampler can overshoot there (measured on shapes: CFG 4 doubled
+        the hybrid's FD against CFG 1).
     lora: file name of a LoRA in diffusers/PEFT format inside the folder, fused at load.
     lora_scale: scale of that LoRA when fused.
     nasa_alpha: default NASA negative-attention strength for this model.
@@ -49,6 +54,7 @@ class FlashstepConfig:
     conditioning_timestep: int = 999
     eta: float = 1.0
     base: str | None = None
+    hybrid_guidance_scale: float | None = None
     lora: str | None = None
     lora_scale: float = 1.0
     nasa_alpha: float = 0.1
@@ -69,6 +75,8 @@ class FlashstepConfig:
             raise CheckpointError(
                 f"`default_steps` must be one of `allowed_steps` {list(self.allowed_steps)} but is {self.default_steps}"
             )
+        if self.hybrid_guidance_scale is not None and self.hybrid_guidance_scale < 0:
+            raise CheckpointError(f"`hybrid_guidance_scale` must be >= 0 but is {self.hybrid_guidance_scale}")
         for key, ts in self.timesteps.items():
             if not key.isdigit() or len(ts) != int(key):
                 raise CheckpointError(f"`timesteps[{key!r}]` must list {key} timesteps but lists {ts}")

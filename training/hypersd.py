@@ -57,6 +57,7 @@ from training.checkpointing import config_dict, load_train_state, save_train_sta
 from training.data import render_dataset
 from training.distill import (
     DEFAULT_TEACHER,
+    HYBRID_GUIDANCE_SCALE,
     Provenance,
     Teacher,
     Timer,
@@ -284,6 +285,7 @@ def export_hypersd(
         default_guidance_scale=0.0,
         eta=cfg.eta,
         base=base_reference(teacher.folder, folder),
+        hybrid_guidance_scale=HYBRID_GUIDANCE_SCALE,
         lora=LORA_WEIGHT_NAME,
         lora_scale=1.0,
         nasa_alpha=0.1,

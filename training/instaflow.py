@@ -38,6 +38,7 @@ from models.schedule import NoiseSchedule, linspace_timesteps
 from training.checkpointing import EMA, config_dict, load_train_state, save_train_state
 from training.distill import (
     DEFAULT_TEACHER,
+    HYBRID_GUIDANCE_SCALE,
     PromptSampler,
     Provenance,
     Teacher,
@@ -265,6 +266,7 @@ def train_instaflow(
             default_guidance_scale=1.0,
             nasa_alpha=0.19,
             base=teacher.folder.name,
+            hybrid_guidance_scale=HYBRID_GUIDANCE_SCALE,
             resolution=teacher.config.resolution,
             provenance=Provenance(
                 "reflow", teacher_name, cfg.reflow_steps, cfg.batch_size, pairs_seconds + reflow_seconds,

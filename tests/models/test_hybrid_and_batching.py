@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from models.engine import Engine
 from models.errors import InvalidRequestError
+from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
+from tests.models.conftest import derive
 
 # Mean absolute pixel difference allowed between a request served alone and inside a batch, in
 # 0..255 units: 1/255 of the range (CPU fp32; batched matmuls may round differently).
@@ -77,6 +81,18 @@ def test_hybrid_changes_the_image_and_is_seeded(lcm):
 def test_hybrid_guidance_defaults_to_the_base_models(lcm):
     filled = lcm.validate(GenerationRequest("a star", seed=0, hybrid=True))
     assert filled.guidance_scale == lcm.base_engine().config.default_guidance_scale == 5.0
+
+
+def test_a_checkpoint_can_set_its_own_hybrid_guidance(lcm_dir, models_root, tmp_path):
+    config = replace(FlashstepConfig.load(lcm_dir), hybrid_guidance_scale=1.0)
+    engine = Engine.load(derive(lcm_dir, tmp_path / "shapes-lcm-cfg1", config), models_root=models_root)
+    filled = engine.validate(GenerationRequest("a star", seed=0, hybrid=True))
+    assert filled.guidance_scale == 1.0  # not the base's 5.0
+    assert engine.validate(GenerationRequest("a star", seed=0, hybrid=True, guidance_scale=3.0)).guidance_scale == 3.0
+    reqs = [GenerationRequest("a star", seed=0, num_inference_steps=2, hybrid=True)]
+    with recording(engine.base_engine().unet) as base_calls:
+        engine.generate(reqs)
+    assert base_calls == [(1, 999.0)]  # guidance 1 is no CFG: one row, not two
 
 
 def test_hybrid_is_refused_without_a_base_or_with_one_step(teacher, lcm, swiftbrush):

@@ -101,6 +101,7 @@ def test_hypersd_recipe_trains_resumes_and_exports_a_lora_folder(tiny_teacher_di
     config = FlashstepConfig.load(out)
     assert (config.family, config.lora, config.lora_scale) == ("hypersd", LORA_WEIGHT_NAME, 1.0)
     assert config.base == str(tiny_teacher_dir.resolve())
+    assert config.hybrid_guidance_scale == 1.0  # the teacher's hybrid step runs without CFG
     assert (config.default_steps, config.allowed_steps, config.default_guidance_scale) == (
         1,
         (1, 2, 4, 8),

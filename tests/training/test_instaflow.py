@@ -53,6 +53,7 @@ def test_instaflow_recipe_trains_resumes_and_exports_servable_folders(tiny_teach
     two = FlashstepConfig.load(tmp_path / "2rf")
     one = FlashstepConfig.load(tmp_path / "one")
     assert (two.family, two.prediction, two.default_steps) == ("instaflow", "flow", 2)
+    assert two.hybrid_guidance_scale == 1.0  # the teacher's hybrid step runs without CFG
     assert (one.family, one.default_steps, one.allowed_steps) == ("instaflow", 1, (1,))
     assert one.provenance["teacher"] == "tiny-teacher"
 
