@@ -91,10 +91,18 @@ class SwiftBrushTrainConfig:
     guidance_range: tuple[float, float] = (0.5, 4.0)
     t_range: tuple[int, int] = (20, 980)  # inclusive
     lora_dropout: float = 0.1  # empty prompts in the LoRA teacher's step
+    # LoRA-teacher updates per student update: DMD2's two time-scale rule (Yin et al. 2024,
+    # arXiv:2405.14867, Sec. 4.1) keeps the student's score model current, so VSD's "away from
+    # the student's own distribution" term is not stale and the student does not collapse to a mode.
+    lora_updates: int = 1
     ema_decay: float = 0.995  # ~200-step window: smooths single-t VSD noise, lags little
     grad_clip: float = 1.0
     save_every: int = 100
     seed: int = 8000
+
+    def __post_init__(self) -> None:
+        if self.lora_updates < 1:
+            raise ValueError(f"lora_updates must be >= 1 (the LoRA teacher must follow the student), got {self.lora_updates}")
 
 
 # ----- the VSD maths -----
@@ -171,20 +179,24 @@ def lora_weights(unet: torch.nn.Module) -> torch.nn.Module:
 # ----- the training loop -----
 
 
-def swiftbrush_step(
+@dataclass(frozen=True)
+class StudentBatch:
+    """Detached student samples with their prompt embeddings: what the LoRA teacher learns from."""
+
+    x0: torch.Tensor
+    embeds: torch.Tensor
+    uncond: torch.Tensor
+
+
+def student_vsd(
     teacher: Teacher,
     student: torch.nn.Module,
     guide: torch.nn.Module,
     prompts: list[str],
     cfg: SwiftBrushTrainConfig,
     gen: torch.Generator,
-    rng: np.random.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One student sample batch and both losses: (VSD loss for the student, epsilon loss for the LoRA).
-
-    Nothing is stepped here; the caller backpropagates the VSD loss into the student and the
-    LoRA loss into `guide` (they touch disjoint parameters).
-    """
+) -> tuple[torch.Tensor, StudentBatch]:
+    """The student's VSD loss at a random t, both teachers guided by the same scale, and its samples."""
     n = len(prompts)
     abar = teacher.alphas_cumprod
     embeds = teacher.encode_prompts(prompts)  # (B, L, C)
@@ -192,7 +204,6 @@ def swiftbrush_step(
     z = torch.randn((n, *teacher.latent_shape), generator=gen)
     x0 = student_x0(student, z, embeds, abar[STUDENT_TIMESTEP])
 
-    # Student: the VSD gradient at a random t, both teachers guided by the same scale.
     lo, hi = cfg.t_range
     t = torch.randint(lo, hi + 1, (n,), generator=gen)
     xt = add_noise(x0.detach(), torch.randn(x0.shape, generator=gen), abar[t])
@@ -202,17 +213,34 @@ def swiftbrush_step(
             eps_teacher = cfg_eps(guide, xt, t, embeds, uncond, scale)
         eps_lora = cfg_eps(guide, xt, t, embeds, uncond, scale)
     vsd = vsd_loss(x0, vsd_grad(eps_teacher, eps_lora, abar[t]))
+    return vsd, StudentBatch(x0.detach(), embeds, uncond)
 
-    # LoRA teacher: denoise the detached student samples (fresh t and noise), some unconditioned.
-    # Its t range is VSD's: it only has to be right where the student's gradient asks it.
-    x0 = x0.detach()
+
+def lora_loss(
+    teacher: Teacher,
+    guide: torch.nn.Module,
+    batch: StudentBatch,
+    cfg: SwiftBrushTrainConfig,
+    gen: torch.Generator,
+    rng: np.random.Generator,
+) -> torch.Tensor:
+    """The LoRA teacher's epsilon-MSE on the student's samples (fresh t and noise, some unconditioned).
+
+    Its t range is VSD's: it only has to be right where the student's gradient asks it.
+    """
+    n = batch.x0.shape[0]
+    lo, hi = cfg.t_range
     t = torch.randint(lo, hi + 1, (n,), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
+    noise = torch.randn(batch.x0.shape, generator=gen)
     drop = torch.from_numpy(rng.random(n) < cfg.lora_dropout).view(-1, 1, 1)
-    lora = F.mse_loss(
-        unet_eps(guide, add_noise(x0, noise, abar[t]), t, torch.where(drop, uncond, embeds)), noise
-    )
-    return vsd, lora
+    xt = add_noise(batch.x0, noise, teacher.alphas_cumprod[t])
+    return F.mse_loss(unet_eps(guide, xt, t, torch.where(drop, batch.uncond, batch.embeds)), noise)
+
+
+def _check_finite(step: int, **losses: torch.Tensor) -> None:
+    bad = {k: v.item() for k, v in losses.items() if not torch.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"non-finite loss at step {step}: {bad}")
 
 
 def _step(
@@ -279,11 +307,13 @@ def train_swiftbrush(
     for step in bar:
         set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
         set_lr(lora_opt, lr_at(step, cfg.steps, cfg.lora_lr, cfg.warmup))
-        vsd, lora = swiftbrush_step(teacher, student, guide, prompts.draw(cfg.batch_size), cfg, gen, rng)
-        if not (torch.isfinite(vsd) and torch.isfinite(lora)):
-            raise FloatingPointError(f"non-finite loss at step {step}: vsd={vsd.item()}, lora={lora.item()}")
+        vsd, batch = student_vsd(teacher, student, guide, prompts.draw(cfg.batch_size), cfg, gen)
+        _check_finite(step, vsd=vsd)
         _step(opt, vsd, list(student.parameters()), cfg.grad_clip)
-        _step(lora_opt, lora, lora_params, cfg.grad_clip)
+        for _ in range(cfg.lora_updates):  # the same samples, fresh t and noise each time
+            lora = lora_loss(teacher, guide, batch, cfg, gen, rng)
+            _check_finite(step, lora=lora)
+            _step(lora_opt, lora, lora_params, cfg.grad_clip)
         ema.update(student, step)
         history.append({"step": step + 1, "vsd": vsd.item(), "lora": lora.item()})
         bar.set_postfix(vsd=f"{vsd.item():.2e}", lora=f"{lora.item():.4f}")
@@ -314,10 +344,14 @@ def train_swiftbrush(
                 cfg.steps,
                 cfg.batch_size,
                 timer.seconds,
-                {"guidance": kind, "lora_rank": cfg.lora_rank, "ema_decay": cfg.ema_decay},
+                {
+                    "guidance": kind,
+                    "lora_rank": cfg.lora_rank,
+                    "lora_updates": cfg.lora_updates,
+                    "ema_decay": cfg.ema_decay,
+                },
             ).to_dict(),
         )
         export_student(export_dir, teacher, ema.module, config)
     (run_dir / "swiftbrush_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
-

@@ -155,3 +155,15 @@ def test_swiftbrush_recipe_trains_resumes_and_exports_a_servable_one_step_folder
     assert pipe.unet.config.in_channels == 4
     # A plain UNet: nothing of the LoRA teacher is exported.
     assert not any("lora" in k for k in pipe.unet.state_dict())
+
+
+def test_the_lora_teacher_can_take_several_updates_per_student_update(tiny_teacher_dir, tmp_path):
+    """DMD2's two time-scale rule: `lora_updates` LoRA optimizer steps for each student step."""
+    cfg = replace(TINY, steps=2, save_every=2, lora_updates=3)
+    report = train_swiftbrush(cfg, tmp_path / "run", None, teacher_dir=tiny_teacher_dir, progress=False)
+    assert report["config"]["lora_updates"] == 3
+    with safe_open(str(tmp_path / "run" / TRAIN_STATE), framework="pt") as f:
+        assert f.get_tensor("optim.student.state.0.step").item() == 2
+        assert f.get_tensor("optim.lora.state.0.step").item() == 6
+    with pytest.raises(ValueError, match="lora_updates"):
+        SwiftBrushTrainConfig(lora_updates=0)
