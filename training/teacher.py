@@ -2,10 +2,11 @@
 
 Stable Diffusion's recipe at toy scale: a frozen VAE (trained by `training/vae.py`), a CLIP
 text encoder and a cross-attention UNet trained on the SD1.x noise schedule with epsilon MSE.
-Two departures, both because nothing here is pretrained: the text encoder is trained jointly with
-the UNet (no CLIP weights can be downloaded), and the loss uses Min-SNR-gamma weighting
-(Hang et al. 2023), which reaches a given quality in fewer steps — steps are what a 2-core CPU
-lacks. Captions are re-sampled every time an image is drawn, so one image teaches many ways of
+Three departures, all because nothing here is pretrained: the text encoder is trained jointly with
+the UNet (no CLIP weights can be downloaded), with attribute heads of its own
+(`training/text_attributes.py`) so that words the epsilon loss barely rewards, position above all,
+still get distinct embeddings; and the loss uses Min-SNR-gamma weighting (Hang et al. 2023), which
+reaches a given quality in fewer steps — steps are what a 2-core CPU lacks. Captions are re-sampled every time an image is drawn, so one image teaches many ways of
 describing it; 10% of them are dropped to the empty string for classifier-free guidance.
 """
 
@@ -29,6 +30,7 @@ from training.checkpointing import EMA, config_dict, load_train_state, save_trai
 from training.data import render_dataset
 from training.export import export_servable, git_commit, training_scheduler
 from training.shapes import ATTRIBUTES, random_caption
+from training.text_attributes import AttributeHeads, attribute_loss
 from training.tokenizer import build_tokenizer
 
 TEACHER_STEPS = (1, 2, 4, 8, 10, 15, 20, 25, 30, 40, 50)
@@ -47,6 +49,7 @@ class TeacherTrainConfig:
     seed: int = 3000
     save_every: int = 250
     default_guidance_scale: float = 4.0
+    text_attribute_weight: float = 1.0  # the text encoder's attribute loss; 0 trains it by epsilon alone
     arch: ShapesArch = ShapesArch()
 
 
@@ -74,9 +77,11 @@ def captions_for_labels(labels: np.ndarray, rng: np.random.Generator, dropout: f
 
 
 def build_teacher_modules(arch: ShapesArch, tokenizer: CLIPTokenizer) -> torch.nn.ModuleDict:
-    """The trained pair, UNet and text encoder, as one module (one optimizer, one EMA)."""
+    """UNet, text encoder and the encoder's training-only attribute heads as one module (one optimizer, one EMA)."""
     text_encoder = build_text_encoder(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    return torch.nn.ModuleDict({"unet": build_unet(arch), "text_encoder": text_encoder})
+    return torch.nn.ModuleDict(
+        {"unet": build_unet(arch), "text_encoder": text_encoder, "text_heads": AttributeHeads(arch.text_hidden)}
+    )
 
 
 def load_or_build_tokenizer(folder: Path, max_length: int) -> CLIPTokenizer:
@@ -130,18 +135,24 @@ def train_teacher(
             group["lr"] = lr
         idx = rng.integers(0, len(latents), cfg.batch_size)
         x0 = latents[idx]
-        ids = tokenizer(
-            captions_for_labels(data.labels[idx], rng, cfg.cond_dropout),
-            padding="max_length", max_length=cfg.arch.text_max_length, truncation=True, return_tensors="pt",
-        ).input_ids
+        captions = captions_for_labels(data.labels[idx], rng, cfg.cond_dropout)
+        tokens = tokenizer(
+            captions, padding="max_length", max_length=cfg.arch.text_max_length, truncation=True, return_tensors="pt"
+        )
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         xt = scheduler.add_noise(x0, noise, t)
-        eps = unet(xt, t, text_encoder(ids).last_hidden_state).sample
+        hidden = text_encoder(tokens.input_ids).last_hidden_state
+        eps = unet(xt, t, hidden).sample
         per_sample = F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weights(abar, t, cfg.min_snr_gamma)).mean()
+        total = loss
+        if cfg.text_attribute_weight > 0:
+            total = total + cfg.text_attribute_weight * attribute_loss(
+                model["text_heads"], hidden, tokens.attention_mask, captions
+            )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema.update(model, step)

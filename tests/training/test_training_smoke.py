@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
 
 from flashstep.cli import main as flashstep_main
 from models.flashstep_config import FlashstepConfig
 from training.architecture import ShapesArch
+from training.checkpointing import TRAIN_STATE
 from training.judge import Judge, JudgeTrainConfig, train_judge
 from training.teacher import TeacherTrainConfig, train_teacher
 from training.vae import VAETrainConfig, train_vae
@@ -56,6 +58,10 @@ def test_teacher_training_resumes_from_its_state(tiny_teacher):
     report = train_teacher(cfg, runs / "vae" / "vae", runs / "teacher", None, progress=False)
     meta = json.loads((runs / "teacher" / "teacher_report.json").read_text())
     assert report["steps"] == meta["steps"] == 4
+    # The text encoder's attribute heads train with it and resume with it, but are never exported.
+    with safe_open(str(runs / "teacher" / TRAIN_STATE), framework="pt") as f:
+        assert any(k.startswith("module.model.text_heads.") for k in f.keys())
+    assert report["config"]["text_attribute_weight"] == 1.0
 
 
 def test_export_loads_in_vanilla_diffusers(tiny_teacher):
