@@ -103,8 +103,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from training.teacher import TeacherTrainConfig, train_teacher
 
         cfg = TeacherTrainConfig(steps=args.steps or TeacherTrainConfig.steps, arch=arch)
+        if args.tiny:  # seconds, not the 50k renders of the real run
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, n_train=64, batch_size=4, save_every=2)
         out = args.out or SHIPPED_MODELS_DIR / "shapes-teacher"
-        report = train_teacher(cfg, runs / "vae" / "vae", runs / "teacher", out)
+        report = train_teacher(cfg, args.vae or runs / "vae" / "vae", runs / "teacher", out)
     elif args.stage in DISTILL_STAGES:
         report = _train_distilled(args)
     else:  # pragma: no cover - argparse restricts the choices
@@ -246,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--teacher", type=Path, default=None, help="teacher folder to distil (default: shapes-teacher)")
+    t.add_argument("--vae", type=Path, default=None, help="VAE folder the teacher trains on (default: RUNS/vae/vae; the shipped one is models/shipped/shapes-teacher/vae)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="ShapesBench: adherence, FD, diversity, negative efficacy, cost")

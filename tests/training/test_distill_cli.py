@@ -22,3 +22,14 @@ def test_train_recipe_from_the_command_line_exports_loadable_models(stage, tiny_
         steps = config.default_steps
         result = engine.generate([GenerationRequest(prompt="a blue star", seed=1, num_inference_steps=steps)])
         assert result.images[0].size == (64, 64)
+
+
+def test_train_teacher_on_a_given_vae_from_the_command_line(tiny_teacher_dir, tmp_path, capsys):
+    """`--vae` trains a teacher on an existing VAE (e.g. the shipped one) instead of RUNS/vae/vae."""
+    out = tmp_path / "teacher"
+    argv = ["train", "teacher", "--tiny", "--steps", "2", "--vae", str(tiny_teacher_dir / "vae"), "--out", str(out)]
+    assert flashstep_main([*argv, "--runs", str(tmp_path / "runs")]) == 0
+    assert "final_loss" in capsys.readouterr().out
+    assert FlashstepConfig.load(out).family == "teacher"
+    result = load_engine(str(out)).generate([GenerationRequest(prompt="a blue star", seed=1, num_inference_steps=2)])
+    assert result.images[0].size == (64, 64)
