@@ -85,7 +85,7 @@ def test_student_x0_is_the_served_one_step_sample():
 
 def test_pg_sb_draws_a_guidance_scale_per_sample_and_a_fixed_scale_is_an_option():
     gen = torch.Generator().manual_seed(0)
-    kappa = guidance_scales(4096, SwiftBrushTrainConfig(), gen)
+    kappa = guidance_scales(4096, SwiftBrushTrainConfig(guidance_range=(0.5, 4.0)), gen)
     assert kappa.shape == (4096,)
     assert 0.5 <= kappa.min() < 0.6 and 3.9 < kappa.max() <= 4.0
     assert kappa.std() > 0.9  # uniform on [0.5, 4]: std 3.5 / sqrt(12) ~ 1.01
