@@ -103,7 +103,7 @@ def test_hypersd_recipe_trains_resumes_and_exports_a_lora_folder(tiny_teacher_di
     assert config.base == str(tiny_teacher_dir.resolve())
     assert config.hybrid_guidance_scale == 1.0  # the teacher's hybrid step runs without CFG
     assert (config.default_steps, config.allowed_steps, config.default_guidance_scale) == (
-        1,
+        2,
         (1, 2, 4, 8),
         0.0,
     )
