@@ -7,6 +7,7 @@ heavy imports happen inside the handlers so `flashstep --help` stays instant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -104,8 +105,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         cfg = TeacherTrainConfig(steps=args.steps or TeacherTrainConfig.steps, arch=arch)
         if args.tiny:  # seconds, not the 50k renders of the real run
-            import dataclasses
-
             cfg = dataclasses.replace(cfg, n_train=64, batch_size=4, save_every=2)
         out = args.out or SHIPPED_MODELS_DIR / "shapes-teacher"
         report = train_teacher(cfg, args.vae or runs / "vae" / "vae", runs / "teacher", out)
@@ -136,7 +135,6 @@ DISTILL_STAGES = {
 
 def _train_distilled(args: argparse.Namespace) -> dict:
     """Run one distillation recipe on `--teacher`; exports go to `--out` (default: the shipped models)."""
-    import dataclasses
     import importlib
 
     from models.registry import SHIPPED_MODELS_DIR

@@ -6,8 +6,9 @@ Three departures, all because nothing here is pretrained: the text encoder is tr
 the UNet (no CLIP weights can be downloaded), with attribute heads of its own
 (`training/text_attributes.py`) so that words the epsilon loss barely rewards, position above all,
 still get distinct embeddings; and the loss uses Min-SNR-gamma weighting (Hang et al. 2023), which
-reaches a given quality in fewer steps — steps are what a 2-core CPU lacks. Captions are re-sampled every time an image is drawn, so one image teaches many ways of
-describing it; 10% of them are dropped to the empty string for classifier-free guidance.
+reaches a given quality in fewer steps — steps are what a 2-core CPU lacks. Captions are re-sampled
+every time an image is drawn, so one image teaches many ways of describing it; 10% of them are
+dropped to the empty string for classifier-free guidance.
 """
 
 from __future__ import annotations
