@@ -99,6 +99,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from training.vae import train_vae_recipe, vae_recipe
 
         _, report = train_vae_recipe(runs / "vae", *vae_recipe(args.steps, arch))
+    elif args.stage == "decoder":
+        from training.vae import decoder_recipe, stored_dtype, train_decoder_recipe
+
+        if args.vae is None:
+            raise SystemExit("`flashstep train decoder` needs --vae FOLDER: the exported VAE whose decoder it refines")
+        vae, report = train_decoder_recipe(runs / "decoder", args.vae, decoder_recipe(args.steps, arch))
+        if args.out is not None:  # in the refined folder's dtype, so it drops in where that one was
+            vae.to(stored_dtype(args.vae)).save_pretrained(args.out)
     elif args.stage == "teacher":
         from models.registry import SHIPPED_MODELS_DIR
         from training.teacher import TeacherTrainConfig, train_teacher
@@ -241,14 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_models)
 
     t = sub.add_parser("train", help="train a stage of the shapes world")
-    t.add_argument("stage", choices=["judge", "vae", "teacher", *DISTILL_STAGES])
+    t.add_argument("stage", choices=["judge", "vae", "decoder", "teacher", *DISTILL_STAGES])
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--runs", default=str(DEFAULT_RUNS), help="folder for resumable training state")
     t.add_argument("--out", type=Path, default=None, help="export folder; for distillation recipes the models folder their exports go in (default: the shipped one)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--teacher", type=Path, default=None, help="teacher folder to distil (default: shapes-teacher)")
-    t.add_argument("--vae", type=Path, default=None, help="VAE folder the teacher trains on (default: RUNS/vae/vae; the shipped one is models/shipped/shapes-teacher/vae)")
+    t.add_argument("--vae", type=Path, default=None, help="VAE folder the teacher trains on (default: RUNS/vae/vae; the shipped one is models/shipped/shapes-teacher/vae), or whose decoder `train decoder` refines")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="ShapesBench: adherence, FD, diversity, negative efficacy, cost")

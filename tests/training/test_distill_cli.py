@@ -1,12 +1,17 @@
 """`flashstep train <recipe> --tiny` distils a teacher folder into servable exports from the command line."""
 
+import shutil
+
 import pytest
+import torch
+from diffusers import AutoencoderKL
 
 from flashstep.cli import DISTILL_STAGES
 from flashstep.cli import main as flashstep_main
 from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
 from models.registry import load_engine
+from training.vae import stored_dtype
 
 
 @pytest.mark.parametrize("stage", sorted(DISTILL_STAGES))
@@ -27,9 +32,33 @@ def test_train_recipe_from_the_command_line_exports_loadable_models(stage, tiny_
 def test_train_teacher_on_a_given_vae_from_the_command_line(tiny_teacher_dir, tmp_path, capsys):
     """`--vae` trains a teacher on an existing VAE (e.g. the shipped one) instead of RUNS/vae/vae."""
     out = tmp_path / "teacher"
-    argv = ["train", "teacher", "--tiny", "--steps", "2", "--vae", str(tiny_teacher_dir / "vae"), "--out", str(out)]
+    argv = ["train", "teacher", "--tiny", "--steps", "3", "--vae", str(tiny_teacher_dir / "vae"), "--out", str(out)]
     assert flashstep_main([*argv, "--runs", str(tmp_path / "runs")]) == 0
     assert "final_loss" in capsys.readouterr().out
     assert FlashstepConfig.load(out).family == "teacher"
     result = load_engine(str(out)).generate([GenerationRequest(prompt="a blue star", seed=1, num_inference_steps=2)])
     assert result.images[0].size == (64, 64)
+
+
+def test_refine_a_model_folders_decoder_from_the_command_line(tiny_teacher_dir, tmp_path, capsys):
+    """`train decoder --vae` refines an exported VAE's decoder and writes a VAE folder that drops
+    into the model folder in place of the old one: same dtype, encoder and scaling factor."""
+    out = tmp_path / "vae"
+    argv = ["train", "decoder", "--tiny", "--steps", "3", "--vae", str(tiny_teacher_dir / "vae"), "--out", str(out)]
+    assert flashstep_main([*argv, "--runs", str(tmp_path / "runs")]) == 0
+    assert "recon_mae_255" in capsys.readouterr().out
+    old, new = (AutoencoderKL.from_pretrained(d) for d in (tiny_teacher_dir / "vae", out))
+    assert stored_dtype(out) == stored_dtype(tiny_teacher_dir / "vae")
+    assert new.config.scaling_factor == old.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(old.encoder.state_dict().values(), new.encoder.state_dict().values(), strict=True))
+    model = tmp_path / "model"
+    shutil.copytree(tiny_teacher_dir, model)
+    shutil.rmtree(model / "vae")
+    shutil.copytree(out, model / "vae")
+    result = load_engine(str(model)).generate([GenerationRequest(prompt="a blue star", seed=1, num_inference_steps=2)])
+    assert result.images[0].size == (64, 64)
+
+
+def test_refining_a_decoder_needs_the_vae_to_refine(tmp_path):
+    with pytest.raises(SystemExit, match="--vae"):
+        flashstep_main(["train", "decoder", "--tiny", "--steps", "1", "--runs", str(tmp_path)])
