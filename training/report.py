@@ -68,7 +68,7 @@ ROWS: tuple[Row, ...] = (
 
 
 def run_report(
-    rows: tuple[Row, ...] = ROWS, seeds: int = 4, models_root: Path | None = None, out: Path | None = REPORT_DIR
+    rows: tuple[Row, ...] = ROWS, seeds: int = 8, models_root: Path | None = None, out: Path | None = REPORT_DIR
 ) -> list[dict]:
     """Evaluate every row whose model is installed; write `shapesbench.json` and `.md` to `out`."""
     from models.registry import discover, load_engine
