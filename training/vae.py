@@ -183,7 +183,7 @@ def stored_dtype(vae_dir: str | Path) -> torch.dtype:
 
 # The legs that refined the shipped decoder: (steps, peak lr), each a fresh cosine schedule from
 # the previous leg's weights. Shape read right on round trips of fresh renders went 0.817 (the
-# decoder before) -> 0.874 -> 0.937 over the first two legs: the decoder was under-trained.
+# decoder before) -> 0.874 -> 0.937 -> 0.964 over the legs: the decoder was under-trained.
 DECODER_LEGS = ((3000, 4e-4), (5000, 2e-4), (6000, 2e-4))
 
 
