@@ -32,7 +32,7 @@ def test_train_recipe_from_the_command_line_exports_loadable_models(stage, tiny_
 def test_train_teacher_on_a_given_vae_from_the_command_line(tiny_teacher_dir, tmp_path, capsys):
     """`--vae` trains a teacher on an existing VAE (e.g. the shipped one) instead of RUNS/vae/vae."""
     out = tmp_path / "teacher"
-    argv = ["train", "teacher", "--tiny", "--steps", "3", "--vae", str(tiny_teacher_dir / "vae"), "--out", str(out)]
+    argv = ["train", "teacher", "--tiny", "--steps", "2", "--vae", str(tiny_teacher_dir / "vae"), "--out", str(out)]
     assert flashstep_main([*argv, "--runs", str(tmp_path / "runs")]) == 0
     assert "final_loss" in capsys.readouterr().out
     assert FlashstepConfig.load(out).family == "teacher"
