@@ -465,7 +465,8 @@ class Engine:
             z = latents / vae.config.scaling_factor
             if getattr(vae.config, "shift_factor", None) is not None:
                 z = z + vae.config.shift_factor
-        pixels = vae.decode(z.to(vae.dtype)).sample  # (B, 3, H, W) in [-1, 1]
+        dtype = next(vae.parameters()).dtype  # not `vae.dtype`, which walks every parameter per call
+        pixels = vae.decode(z.to(dtype)).sample  # (B, 3, H, W) in [-1, 1]
         pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
         return [Image.fromarray(a) for a in arrays]

@@ -239,6 +239,24 @@ def test_generate_serves_repeated_prompts_from_the_cache(swiftbrush):
     assert swiftbrush.prompts.cache.hits == hits + 1
 
 
+def test_a_prompt_is_tokenized_once_however_often_it_is_counted(swiftbrush):
+    # validate() counts a prompt's tokens when the server takes the request, again when it keys
+    # the batch and again in generate(): the count is cached so the tokenizer runs once.
+    encoder = swiftbrush.prompts
+    calls = []
+    tokenizer = encoder.tokenizers[0]
+    encoder.tokenizers[0] = lambda text, **kw: calls.append(text) or tokenizer(text, **kw)
+    try:
+        counts = {encoder.count_tokens("a counted green square") for _ in range(3)}
+        request = GenerationRequest("a counted green square", seed=0)
+        swiftbrush.validate(request)
+        swiftbrush.batch_key(request)
+    finally:
+        encoder.tokenizers[0] = tokenizer
+    assert counts == {len(tokenizer("a counted green square", add_special_tokens=False).input_ids)}
+    assert calls == ["a counted green square"]
+
+
 # ----- concurrency -----
 
 
