@@ -116,6 +116,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             cfg = dataclasses.replace(cfg, n_train=64, batch_size=4, save_every=2)
         out = args.out or SHIPPED_MODELS_DIR / "shapes-teacher"
         report = train_teacher(cfg, args.vae or runs / "vae" / "vae", runs / "teacher", out)
+    elif args.stage == "instaflow-refine":
+        report = _refine_instaflow(args, runs)
     elif args.stage in DISTILL_STAGES:
         report = _train_distilled(args)
     else:  # pragma: no cover - argparse restricts the choices
@@ -163,6 +165,23 @@ def _train_distilled(args: argparse.Namespace) -> dict:
     teacher = Path(args.teacher or SHIPPED_MODELS_DIR / "shapes-teacher")
     train = getattr(module, fn_name)
     return train(cfg, Path(args.runs) / args.stage, *(out / name for name in exports), teacher_dir=teacher)
+
+
+def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
+    """Continue an exported one-step instaflow student's distillation (`--student`); export to `--out`."""
+    from models.registry import SHIPPED_MODELS_DIR
+    from training.instaflow import REFINE_DEFAULTS, InstaFlowTrainConfig, refine_instaflow
+
+    if args.student is None:
+        raise SystemExit("`flashstep train instaflow-refine` needs --student FOLDER: the one-step student to refine")
+    cfg = dataclasses.replace(InstaFlowTrainConfig(), **REFINE_DEFAULTS)
+    if args.tiny:
+        cfg = dataclasses.replace(cfg, **{**DISTILL_STAGES["instaflow"][4], "perceptual_steps": 2})
+    if args.steps:
+        cfg = dataclasses.replace(cfg, distill_steps=args.steps, perceptual_steps=args.steps)
+    out = args.out or runs / "instaflow-refine" / "shapes-instaflow"
+    teacher = Path(args.teacher or SHIPPED_MODELS_DIR / "shapes-teacher")
+    return refine_instaflow(cfg, runs / "instaflow-refine", args.student, out, teacher_dir=teacher)
 
 
 # `--steps N` sets every training-length field a recipe config has (smoke runs, quick trials).
@@ -249,10 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_models)
 
     t = sub.add_parser("train", help="train a stage of the shapes world")
-    t.add_argument("stage", choices=["judge", "vae", "decoder", "teacher", *DISTILL_STAGES])
+    t.add_argument("stage", choices=["judge", "vae", "decoder", "teacher", *DISTILL_STAGES, "instaflow-refine"])
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--runs", default=str(DEFAULT_RUNS), help="folder for resumable training state")
     t.add_argument("--out", type=Path, default=None, help="export folder; for distillation recipes the models folder their exports go in (default: the shipped one)")
+    t.add_argument("--student", type=Path, default=None, help="instaflow-refine: the exported one-step student to refine (its export goes to --out, default RUNS/instaflow-refine/shapes-instaflow)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--teacher", type=Path, default=None, help="teacher folder to distil (default: shapes-teacher)")

@@ -15,13 +15,18 @@ of the run:
    are the teacher pairs the 2-RF was fitted to, which its straightened ODE reproduces from the
    same z; regenerating them with the 2-RF would cost more samples for the same coupling.
    Exported as `shapes-instaflow`.
+
+`refine_instaflow` (`flashstep train instaflow-refine --student FOLDER`) continues stage 3 from an
+exported one-step student: more steps on more teacher pairs (the recipe's pairs first, same
+seeds), at a lower learning rate, with the perceptual loss throughout. The student's provenance
+gains one entry per refinement.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +54,7 @@ from training.distill import (
     set_lr,
     student_unet,
 )
+from training.export import git_commit
 from training.judge import Judge
 
 NOISE_TIMESTEP = 1000.0
@@ -71,6 +77,10 @@ class InstaFlowTrainConfig:
     cond_dropout: float = 0.1
     save_every: int = 250
     seed: int = 7000
+
+
+# Refinement of an exported student: twice the recipe's pairs, half its learning rate, a short warmup.
+REFINE_DEFAULTS = dict(pairs=12288, distill_steps=2400, perceptual_steps=2400, lr=1e-4, warmup=50)
 
 
 # ----- stage 1: teacher ODE pairs -----
@@ -294,3 +304,63 @@ def train_instaflow(
     (run_dir / "instaflow_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
+
+
+def refine_instaflow(
+    cfg: InstaFlowTrainConfig,
+    run_dir: str | Path,
+    student_dir: str | Path,
+    export_one_step: str | Path,
+    teacher_dir: str | Path = DEFAULT_TEACHER,
+    judge: Judge | None = None,
+    progress: bool = True,
+) -> dict:
+    """Continue distilling the one-step student in `student_dir` for `cfg.distill_steps` steps.
+
+    Pairs are generated (or reused) in run_dir/pairs; the loss is L2 plus the judge perceptual
+    loss from step `distill_steps - perceptual_steps` on. The export keeps the student's config
+    and appends this run to its provenance's `refinements`.
+    """
+    from diffusers import UNet2DConditionModel
+
+    run_dir = Path(run_dir)
+    student_dir = Path(student_dir)
+    student_cfg = FlashstepConfig.load(student_dir)
+    if student_cfg.family != "instaflow" or student_cfg.allowed_steps != (1,):
+        raise ValueError(f"{student_dir} is not a one-step instaflow student (family {student_cfg.family}, "
+                         f"steps {list(student_cfg.allowed_steps)})")  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    teacher = load_teacher(teacher_dir)
+    pair_timer = Timer(run_dir / "pairs")
+    generate_pairs(teacher, cfg, run_dir / "pairs", progress=progress)
+    pair_timer.save()
+    pairs_seconds = pair_timer.seconds
+    pairs = load_pairs(run_dir / "pairs")
+
+    init = student_unet(teacher)
+    init.load_state_dict(UNet2DConditionModel.from_pretrained(student_dir / "unet", use_safetensors=True).state_dict())
+    perceptual = JudgePerceptual(teacher, judge or Judge.load())
+    perceptual_from = cfg.distill_steps - cfg.perceptual_steps
+
+    def distill_loss(unet, z, x, embeds, step, gen):
+        pred = one_step(unet, z, embeds)
+        loss = F.mse_loss(pred, x)
+        if step >= perceptual_from:
+            loss = loss + cfg.perceptual_weight * perceptual(pred, x)
+        return loss
+
+    one, seconds = _train_stage(
+        "refine", teacher, init, pairs, cfg, cfg.distill_steps, run_dir / "refine", distill_loss, progress
+    )
+    provenance = dict(student_cfg.provenance)
+    leg = {
+        "student": student_dir.name, "steps": cfg.distill_steps, "pairs": cfg.pairs, "lr": cfg.lr,
+        "perceptual_steps": cfg.perceptual_steps, "train_seconds": round(pairs_seconds + seconds),
+        "commit": git_commit(),
+    }  # fmt: skip
+    provenance["refinements"] = [*provenance.get("refinements", []), leg]
+    config = replace(student_cfg, provenance=provenance)
+    export_student(export_one_step, teacher, one, config)
+    report = {"pairs_seconds": round(pairs_seconds), "refine_seconds": round(seconds), "config": config_dict(cfg)}
+    (run_dir / "refine_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -62,3 +62,21 @@ def test_refine_a_model_folders_decoder_from_the_command_line(tiny_teacher_dir, 
 def test_refining_a_decoder_needs_the_vae_to_refine(tmp_path):
     with pytest.raises(SystemExit, match="--vae"):
         flashstep_main(["train", "decoder", "--tiny", "--steps", "1", "--runs", str(tmp_path)])
+
+
+def test_refine_an_instaflow_student_from_the_command_line(tiny_teacher_dir, tmp_path, capsys):
+    runs, models = str(tmp_path / "runs"), tmp_path / "models"
+    common = ["--tiny", "--teacher", str(tiny_teacher_dir), "--runs", runs]
+    assert flashstep_main(["train", "instaflow", *common, "--out", str(models)]) == 0
+    refined = tmp_path / "refined"
+    argv = ["train", "instaflow-refine", *common, "--steps", "2", "--student", str(models / "shapes-instaflow")]
+    assert flashstep_main([*argv, "--out", str(refined)]) == 0
+    assert "refine_seconds" in capsys.readouterr().out
+    assert FlashstepConfig.load(refined).provenance["refinements"][0]["steps"] == 2
+    result = load_engine(str(refined)).generate([GenerationRequest(prompt="a blue star", seed=1)])
+    assert result.images[0].size == (64, 64)
+
+
+def test_refining_instaflow_needs_the_student_to_refine(tmp_path):
+    with pytest.raises(SystemExit, match="--student"):
+        flashstep_main(["train", "instaflow-refine", "--tiny", "--runs", str(tmp_path)])

@@ -1,14 +1,22 @@
 """InstaFlow: the reflow target by hand, and the whole recipe on a tiny teacher end to end."""
 
 import json
+from dataclasses import replace
 
+import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from models.engine import Engine
 from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
-from training.instaflow import InstaFlowTrainConfig, load_pairs, reflow_target, train_instaflow
+from training.instaflow import (
+    InstaFlowTrainConfig,
+    load_pairs,
+    refine_instaflow,
+    reflow_target,
+    train_instaflow,
+)
 
 TINY = InstaFlowTrainConfig(
     pairs=6, pair_steps=2, pair_batch=4, reflow_steps=3, distill_steps=3, perceptual_steps=1,
@@ -64,3 +72,34 @@ def test_instaflow_recipe_trains_resumes_and_exports_servable_folders(tiny_teach
         assert result.images[0].size == (64, 64)
         pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
         assert pipe.unet.config.in_channels == 4
+
+
+def test_refining_a_one_step_student_continues_its_training_and_records_each_leg(tiny_teacher_dir, random_judge, tmp_path):
+    train_instaflow(TINY, tmp_path / "run", None, tmp_path / "one", teacher_dir=tiny_teacher_dir, judge=random_judge, progress=False)
+    refine = replace(TINY, pairs=8, distill_steps=2, perceptual_steps=2)
+    legs = [(tmp_path / "one", tmp_path / "refined"), (tmp_path / "refined", tmp_path / "refined-twice")]
+    for i, (student, out) in enumerate(legs):
+        report = refine_instaflow(refine, tmp_path / f"refine{i}", student, out, teacher_dir=tiny_teacher_dir,
+                                  judge=random_judge, progress=False)  # fmt: skip
+        assert set(report) == {"pairs_seconds", "refine_seconds", "config"}
+        assert (tmp_path / f"refine{i}" / "refine" / "train_state.safetensors").is_file()
+    assert len(load_pairs(tmp_path / "refine0" / "pairs")[0]) == 8
+
+    before = FlashstepConfig.load(tmp_path / "one")
+    after = FlashstepConfig.load(tmp_path / "refined-twice")
+    assert replace(after, provenance={}) == replace(before, provenance={})  # serves exactly as the student did
+    assert after.provenance["recipe"] == before.provenance["recipe"]
+    assert [(leg["student"], leg["steps"], leg["pairs"]) for leg in after.provenance["refinements"]] == [
+        ("one", 2, 8), ("refined", 2, 8)
+    ]
+    old = UNet2DConditionModel.from_pretrained(tmp_path / "one" / "unet").state_dict()
+    new = UNet2DConditionModel.from_pretrained(tmp_path / "refined-twice" / "unet").state_dict()
+    assert any(not torch.equal(old[k], new[k]) for k in old), "refinement left the weights unchanged"
+    result = Engine.load(tmp_path / "refined-twice").generate([GenerationRequest(prompt="a red circle", seed=3)])
+    assert result.unet_evals == 1 and result.images[0].size == (64, 64)
+
+
+def test_only_a_one_step_instaflow_student_can_be_refined(tiny_teacher_dir, random_judge, tmp_path):
+    with pytest.raises(ValueError, match="not a one-step instaflow student"):
+        refine_instaflow(TINY, tmp_path / "run", tiny_teacher_dir, tmp_path / "out", teacher_dir=tiny_teacher_dir,
+                         judge=random_judge, progress=False)  # fmt: skip
