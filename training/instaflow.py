@@ -118,6 +118,14 @@ def generate_pairs(teacher: Teacher, cfg: InstaFlowTrainConfig, folder: Path, pr
         tmp.rename(path)
 
 
+def _pairs(teacher: Teacher, cfg: InstaFlowTrainConfig, folder: Path, progress: bool) -> tuple[tuple, float]:
+    """The run's pairs, generated where missing, and the seconds spent generating them so far."""
+    timer = Timer(folder)
+    generate_pairs(teacher, cfg, folder, progress=progress)
+    timer.save()
+    return load_pairs(folder), timer.seconds
+
+
 def load_pairs(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """All chunks: z (N, 4, h, w), x (N, 4, h, w), N captions."""
     zs, xs, captions = [], [], []
@@ -215,6 +223,20 @@ class JudgePerceptual:
         return (self.features(pred) - want).pow(2).sum(-1).mean()
 
 
+def one_step_loss(cfg: InstaFlowTrainConfig, perceptual: JudgePerceptual):
+    """Stage 3's loss: L2 to the pair's latent, plus the perceptual loss in the last `perceptual_steps`."""
+    perceptual_from = cfg.distill_steps - cfg.perceptual_steps
+
+    def loss(unet, z, x, embeds, step, gen):
+        pred = one_step(unet, z, embeds)
+        value = F.mse_loss(pred, x)
+        if step >= perceptual_from:
+            value = value + cfg.perceptual_weight * perceptual(pred, x)
+        return value
+
+    return loss
+
+
 def train_instaflow(
     cfg: InstaFlowTrainConfig,
     run_dir: str | Path,
@@ -228,11 +250,7 @@ def train_instaflow(
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(teacher_dir)
-    pair_timer = Timer(run_dir / "pairs")
-    generate_pairs(teacher, cfg, run_dir / "pairs", progress=progress)
-    pair_timer.save()
-    pairs_seconds = pair_timer.seconds  # read now: the timer keeps counting while later stages run
-    pairs = load_pairs(run_dir / "pairs")
+    pairs, pairs_seconds = _pairs(teacher, cfg, run_dir / "pairs", progress)
 
     def reflow_loss(unet, z, x, embeds, step, gen):
         t = torch.rand(z.shape[0], generator=gen)
@@ -243,15 +261,7 @@ def train_instaflow(
         "reflow", teacher, student_unet(teacher), pairs, cfg, cfg.reflow_steps, run_dir / "reflow", reflow_loss, progress
     )
 
-    perceptual = JudgePerceptual(teacher, judge or Judge.load())
-    perceptual_from = cfg.distill_steps - cfg.perceptual_steps
-
-    def distill_loss(unet, z, x, embeds, step, gen):
-        pred = one_step(unet, z, embeds)
-        loss = F.mse_loss(pred, x)
-        if step >= perceptual_from:
-            loss = loss + cfg.perceptual_weight * perceptual(pred, x)
-        return loss
+    distill_loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load()))
 
     init = student_unet(teacher)
     init.load_state_dict(rf2.state_dict())
@@ -331,23 +341,11 @@ def refine_instaflow(
                          f"steps {list(student_cfg.allowed_steps)})")  # fmt: skip
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(teacher_dir)
-    pair_timer = Timer(run_dir / "pairs")
-    generate_pairs(teacher, cfg, run_dir / "pairs", progress=progress)
-    pair_timer.save()
-    pairs_seconds = pair_timer.seconds
-    pairs = load_pairs(run_dir / "pairs")
+    pairs, pairs_seconds = _pairs(teacher, cfg, run_dir / "pairs", progress)
 
     init = student_unet(teacher)
     init.load_state_dict(UNet2DConditionModel.from_pretrained(student_dir / "unet", use_safetensors=True).state_dict())
-    perceptual = JudgePerceptual(teacher, judge or Judge.load())
-    perceptual_from = cfg.distill_steps - cfg.perceptual_steps
-
-    def distill_loss(unet, z, x, embeds, step, gen):
-        pred = one_step(unet, z, embeds)
-        loss = F.mse_loss(pred, x)
-        if step >= perceptual_from:
-            loss = loss + cfg.perceptual_weight * perceptual(pred, x)
-        return loss
+    distill_loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load()))
 
     one, seconds = _train_stage(
         "refine", teacher, init, pairs, cfg, cfg.distill_steps, run_dir / "refine", distill_loss, progress
