@@ -315,7 +315,6 @@ def train_instaflow(
     return report
 
 
-
 def refine_instaflow(
     cfg: InstaFlowTrainConfig,
     run_dir: str | Path,
