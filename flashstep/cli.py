@@ -170,6 +170,7 @@ def _train_distilled(args: argparse.Namespace) -> dict:
 def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
     """Continue an exported one-step instaflow student's distillation (`--student`); export to `--out`."""
     from models.registry import SHIPPED_MODELS_DIR
+    from training.distribution_matching import DistributionMatchingConfig
     from training.instaflow import REFINE_DEFAULTS, InstaFlowTrainConfig, refine_instaflow
 
     if args.student is None:
@@ -179,6 +180,10 @@ def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
         cfg = dataclasses.replace(cfg, **{**DISTILL_STAGES["instaflow"][4], "perceptual_steps": 2})
     if args.steps:
         cfg = dataclasses.replace(cfg, distill_steps=args.steps, perceptual_steps=args.steps)
+    if args.dmd_weight:
+        warmup = min(DistributionMatchingConfig.fake_warmup, cfg.distill_steps // 2)
+        dm = DistributionMatchingConfig(weight=args.dmd_weight, fake_warmup=warmup)
+        cfg = dataclasses.replace(cfg, distribution_matching=dm)
     out = args.out or runs / "instaflow-refine" / "shapes-instaflow"
     teacher = Path(args.teacher or SHIPPED_MODELS_DIR / "shapes-teacher")
     return refine_instaflow(cfg, runs / "instaflow-refine", args.student, out, teacher_dir=teacher)
@@ -273,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--runs", default=str(DEFAULT_RUNS), help="folder for resumable training state")
     t.add_argument("--out", type=Path, default=None, help="export folder; for distillation recipes the models folder their exports go in (default: the shipped one)")
     t.add_argument("--student", type=Path, default=None, help="instaflow-refine: the exported one-step student to refine (its export goes to --out, default RUNS/instaflow-refine/shapes-instaflow)")
+    t.add_argument("--dmd-weight", type=float, default=None, help="instaflow-refine: add DMD distribution matching (real score: the teacher with CFG; fake score: a LoRA on the student's samples) at this weight beside the L2 regression")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--teacher", type=Path, default=None, help="teacher folder to distil (default: shapes-teacher)")

@@ -54,6 +54,7 @@ from training.distill import (
     set_lr,
     student_unet,
 )
+from training.distribution_matching import DistributionMatching, DistributionMatchingConfig
 from training.export import git_commit
 from training.judge import Judge
 
@@ -77,6 +78,8 @@ class InstaFlowTrainConfig:
     cond_dropout: float = 0.1
     save_every: int = 250
     seed: int = 7000
+    # Stage 3 only: a DMD distribution-matching term beside the regression (None: regression alone).
+    distribution_matching: DistributionMatchingConfig | None = None
 
 
 # Refinement of an exported student: twice the recipe's pairs, half its learning rate, a short warmup.
@@ -172,12 +175,18 @@ def _train_stage(
     run_dir: Path,
     loss_fn,
     progress: bool,
+    extra_state: tuple[dict, dict] = ({}, {}),
 ) -> tuple[torch.nn.Module, float]:
-    """The loop both stages share: sample a pair batch, loss_fn(unet, z, x, embeds, step, gen), AdamW, EMA."""
+    """The loop both stages share: sample a pair batch, loss_fn(unet, z, x, embeds, step, gen), AdamW, EMA.
+
+    `extra_state` (modules, optimizers) the loss trains itself are saved and resumed with the UNet's.
+    """
     unet = init
     ema = EMA(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start = load_train_state(run_dir, {"unet": unet, "ema": ema.module}, {"unet": opt}) or 0
+    modules = {"unet": unet, "ema": ema.module, **extra_state[0]}
+    optimizers = {"unet": opt, **extra_state[1]}
+    start = load_train_state(run_dir, modules, optimizers) or 0
     timer = Timer(run_dir)
     z_all, x_all, captions = pairs
     rng = np.random.default_rng(cfg.seed + start + zlib.crc32(name.encode()) % 1000)
@@ -196,7 +205,7 @@ def _train_stage(
         ema.update(unet, step)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
-            save_train_state(run_dir, step + 1, {"unet": unet, "ema": ema.module}, {"unet": opt}, config_dict(cfg))
+            save_train_state(run_dir, step + 1, modules, optimizers, config_dict(cfg))
             timer.save()
     if start >= steps:
         load_train_state(run_dir, {"ema": ema.module}, {})
@@ -223,8 +232,12 @@ class JudgePerceptual:
         return (self.features(pred) - want).pow(2).sum(-1).mean()
 
 
-def one_step_loss(cfg: InstaFlowTrainConfig, perceptual: JudgePerceptual):
-    """Stage 3's loss: L2 to the pair's latent, plus the perceptual loss in the last `perceptual_steps`."""
+def one_step_loss(cfg: InstaFlowTrainConfig, perceptual: JudgePerceptual, matching: DistributionMatching | None = None):
+    """Stage 3's loss: L2 to the pair's latent, plus the perceptual loss in the last `perceptual_steps`.
+
+    With `matching`, the DMD term joins once its fake score has warmed up, and the fake score
+    takes its own steps on each batch's detached samples.
+    """
     perceptual_from = cfg.distill_steps - cfg.perceptual_steps
 
     def loss(unet, z, x, embeds, step, gen):
@@ -232,6 +245,10 @@ def one_step_loss(cfg: InstaFlowTrainConfig, perceptual: JudgePerceptual):
         value = F.mse_loss(pred, x)
         if step >= perceptual_from:
             value = value + cfg.perceptual_weight * perceptual(pred, x)
+        if matching is not None:
+            if step >= matching.cfg.fake_warmup:
+                value = value + matching.cfg.weight * matching.loss(pred, embeds, gen)
+            matching.fit(pred, embeds, gen)
         return value
 
     return loss
@@ -344,17 +361,22 @@ def refine_instaflow(
 
     init = student_unet(teacher)
     init.load_state_dict(UNet2DConditionModel.from_pretrained(student_dir / "unet", use_safetensors=True).state_dict())
-    distill_loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load()))
+    dm = cfg.distribution_matching
+    matching = DistributionMatching(teacher, dm) if dm is not None else None
+    distill_loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load()), matching)
 
     one, seconds = _train_stage(
-        "refine", teacher, init, pairs, cfg, cfg.distill_steps, run_dir / "refine", distill_loss, progress
-    )
+        "refine", teacher, init, pairs, cfg, cfg.distill_steps, run_dir / "refine", distill_loss, progress,
+        matching.state() if matching is not None else ({}, {}),
+    )  # fmt: skip
     provenance = dict(student_cfg.provenance)
     leg = {
         "student": student_dir.name, "steps": cfg.distill_steps, "pairs": cfg.pairs, "lr": cfg.lr,
         "perceptual_steps": cfg.perceptual_steps, "train_seconds": round(pairs_seconds + seconds),
         "commit": git_commit(),
     }  # fmt: skip
+    if dm is not None:
+        leg["distribution_matching"] = config_dict(dm)
     provenance["refinements"] = [*provenance.get("refinements", []), leg]
     config = replace(student_cfg, provenance=provenance)
     export_student(export_one_step, teacher, one, config)
