@@ -118,6 +118,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         report = train_teacher(cfg, args.vae or runs / "vae" / "vae", runs / "teacher", out)
     elif args.stage == "instaflow-refine":
         report = _refine_instaflow(args, runs)
+    elif args.stage == "hypersd-refine":
+        report = _refine_hypersd(args, runs)
     elif args.stage in DISTILL_STAGES:
         report = _train_distilled(args)
     else:  # pragma: no cover - argparse restricts the choices
@@ -167,26 +169,51 @@ def _train_distilled(args: argparse.Namespace) -> dict:
     return train(cfg, Path(args.runs) / args.stage, *(out / name for name in exports), teacher_dir=teacher)
 
 
+def _refinement_paths(args: argparse.Namespace, runs: Path, shipped_name: str) -> tuple[Path, Path]:
+    """(export folder, teacher folder) of a `*-refine` stage, which needs the exported student it continues."""
+    from models.registry import SHIPPED_MODELS_DIR
+
+    if args.student is None:
+        raise SystemExit(f"`flashstep train {args.stage}` needs --student FOLDER: the exported {shipped_name} to refine")
+    out = args.out or runs / args.stage / shipped_name
+    return Path(out), Path(args.teacher or SHIPPED_MODELS_DIR / "shapes-teacher")
+
+
+def _matching(dm, steps: int):
+    """The fake score's warm-up shortened to half a short run, so smoke runs exercise the DMD term too."""
+    return dataclasses.replace(dm, fake_warmup=min(dm.fake_warmup, steps // 2))
+
+
 def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
     """Continue an exported one-step instaflow student's distillation (`--student`); export to `--out`."""
-    from models.registry import SHIPPED_MODELS_DIR
     from training.distribution_matching import DistributionMatchingConfig
     from training.instaflow import REFINE_DEFAULTS, InstaFlowTrainConfig, refine_instaflow
 
-    if args.student is None:
-        raise SystemExit("`flashstep train instaflow-refine` needs --student FOLDER: the one-step student to refine")
+    out, teacher = _refinement_paths(args, runs, "shapes-instaflow")
     cfg = dataclasses.replace(InstaFlowTrainConfig(), **REFINE_DEFAULTS)
     if args.tiny:
         cfg = dataclasses.replace(cfg, **{**DISTILL_STAGES["instaflow"][4], "perceptual_steps": 2})
     if args.steps:
         cfg = dataclasses.replace(cfg, distill_steps=args.steps, perceptual_steps=args.steps)
     if args.dmd_weight:
-        warmup = min(DistributionMatchingConfig.fake_warmup, cfg.distill_steps // 2)
-        dm = DistributionMatchingConfig(weight=args.dmd_weight, fake_warmup=warmup)
+        dm = _matching(DistributionMatchingConfig(weight=args.dmd_weight), cfg.distill_steps)
         cfg = dataclasses.replace(cfg, distribution_matching=dm)
-    out = args.out or runs / "instaflow-refine" / "shapes-instaflow"
-    teacher = Path(args.teacher or SHIPPED_MODELS_DIR / "shapes-teacher")
     return refine_instaflow(cfg, runs / "instaflow-refine", args.student, out, teacher_dir=teacher)
+
+
+def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
+    """Hyper-SD's score-distillation stage on an exported hypersd LoRA (`--student`); export to `--out`."""
+    from training.hypersd import HyperSDRefineConfig, refine_hypersd
+
+    out, teacher = _refinement_paths(args, runs, "shapes-hypersd")
+    cfg = HyperSDRefineConfig()
+    if args.tiny:
+        cfg = dataclasses.replace(cfg, steps=2, latents=8, batch_size=2, save_every=1)
+    if args.steps:
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    weight = args.dmd_weight or cfg.matching.weight
+    cfg = dataclasses.replace(cfg, matching=_matching(dataclasses.replace(cfg.matching, weight=weight), cfg.steps))
+    return refine_hypersd(cfg, runs / "hypersd-refine", args.student, out, teacher_dir=teacher)
 
 
 # `--steps N` sets every training-length field a recipe config has (smoke runs, quick trials).
@@ -273,12 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_models)
 
     t = sub.add_parser("train", help="train a stage of the shapes world")
-    t.add_argument("stage", choices=["judge", "vae", "decoder", "teacher", *DISTILL_STAGES, "instaflow-refine"])
+    t.add_argument("stage", choices=["judge", "vae", "decoder", "teacher", *DISTILL_STAGES, "instaflow-refine", "hypersd-refine"])
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--runs", default=str(DEFAULT_RUNS), help="folder for resumable training state")
     t.add_argument("--out", type=Path, default=None, help="export folder; for distillation recipes the models folder their exports go in (default: the shipped one)")
-    t.add_argument("--student", type=Path, default=None, help="instaflow-refine: the exported one-step student to refine (its export goes to --out, default RUNS/instaflow-refine/shapes-instaflow)")
-    t.add_argument("--dmd-weight", type=float, default=None, help="instaflow-refine: add DMD distribution matching (real score: the teacher with CFG; fake score: a LoRA on the student's samples) at this weight beside the L2 regression")
+    t.add_argument("--student", type=Path, default=None, help="instaflow-refine / hypersd-refine: the exported student to refine (its export goes to --out, default RUNS/<stage>/<its shipped name>)")
+    t.add_argument("--dmd-weight", type=float, default=None, help="instaflow-refine: add DMD distribution matching (real score: the teacher with CFG; fake score: a LoRA on the student's samples) at this weight beside the L2 regression; hypersd-refine: the weight of its DMD term (default 1)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--teacher", type=Path, default=None, help="teacher folder to distil (default: shapes-teacher)")

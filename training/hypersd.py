@@ -31,13 +31,18 @@ Choices, and why:
 Exported as a LoRA folder (`flashstep.json` + the diffusers LoRA file) naming the teacher as
 its base: the engine fuses the LoRA at scale 1 and samples with TCD or DDIM-trailing at
 guidance 0.
+
+`refine_hypersd` (`flashstep train hypersd-refine --student FOLDER`) is the paper's score
+distillation for one step (Sec. 3.3, DMD): an exported LoRA keeps training on the k = 1 TSCD
+loss while `training.distribution_matching` pulls its 1-step samples onto the guided teacher's
+distribution. The human-feedback stage (Sec. 3.2) is left out: it needs reward models.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -68,6 +73,9 @@ from training.distill import (
     student_unet,
     unet_eps,
 )
+from training.distribution_matching import DistributionMatching, DistributionMatchingConfig
+from training.export import git_commit
+from training.swiftbrush import lora_weights
 from training.teacher import captions_for_labels, encode_latents
 
 # Diffusers' default LoRA file name: `pipe.load_lora_weights(folder)` finds it without `weight_name`.
@@ -368,3 +376,104 @@ def train_hypersd(
     (run_dir / "hypersd_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
+
+
+# ----- score distillation for one step (Hyper-SD Sec. 3.3) -----
+
+
+@dataclass(frozen=True)
+class HyperSDRefineConfig:
+    """Hyper-SD's third stage on an exported LoRA: DMD on the 1-step samples, the k = 1 TSCD loss beside it.
+
+    The consistency loss on real latents keeps the unified LoRA's multi-step jumps in place while the
+    distribution-matching term (training.distribution_matching) sharpens what one step draws.
+    """
+
+    steps: int = 1500
+    latents: int = HyperSDTrainConfig.latents  # the recipe's real scenes (the same seed, so its cache is reused)
+    batch_size: int = 32
+    lr: float = 2e-4  # a fifth of TSCD's: the LoRA is trained already
+    warmup: int = 50
+    matching: DistributionMatchingConfig = DistributionMatchingConfig()
+    save_every: int = 100
+    seed: int = 9500
+
+
+def one_step_sample(unet: torch.nn.Module, z: torch.Tensor, embeds: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The served 1-step TCD sample: eps at 999, then the DDIM jump to timestep 0."""
+    t = torch.full((z.shape[0],), 999, dtype=torch.long)
+    n = z.shape[0]
+    return ddim_jump(z, unet_eps(unet, z, t, embeds), alphas_cumprod[t], alphas_cumprod[0].expand(n))
+
+
+def load_lora_student(teacher: Teacher, folder: Path) -> tuple[UNet2DConditionModel, HyperSDTrainConfig]:
+    """`lora_student` with an exported hypersd folder's LoRA loaded (trainable), and the recipe config
+    with that LoRA's rank and target modules, read from the file's adapter metadata."""
+    with safe_open(str(folder / LORA_WEIGHT_NAME), framework="pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        state = {k.removeprefix("unet."): f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118
+    cfg = replace(HyperSDTrainConfig(), rank=meta["unet.r"], lora_targets=tuple(meta["unet.target_modules"]))
+    unet = lora_student(teacher, cfg)
+    result = set_peft_model_state_dict(unet, state)
+    if result.unexpected_keys:
+        raise ValueError(f"{folder} holds LoRA weights this student has no module for: {result.unexpected_keys[:3]}")
+    return unet, cfg
+
+
+def refine_hypersd(
+    cfg: HyperSDRefineConfig,
+    run_dir: str | Path,
+    student_dir: str | Path,
+    export_dir: str | Path,
+    teacher_dir: str | Path = DEFAULT_TEACHER,
+    progress: bool = True,
+) -> dict:
+    """Continue an exported hypersd LoRA with k = 1 TSCD + DMD on its 1-step samples; export with the leg recorded."""
+    run_dir, student_dir = Path(run_dir), Path(student_dir)
+    student_cfg = FlashstepConfig.load(student_dir)
+    if student_cfg.family != "hypersd" or student_cfg.lora is None:
+        raise ValueError(f"{student_dir} is not a hypersd LoRA folder (family {student_cfg.family})")
+    torch.manual_seed(cfg.seed)
+    teacher = load_teacher(teacher_dir)
+    unet, base = load_lora_student(teacher, student_dir)
+    latents, labels = training_latents(teacher, cfg.latents, base.seed, run_dir / "latents", progress)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    matching = DistributionMatching(teacher, cfg.matching)
+    extra_modules, extra_opts = matching.state()
+    modules, optimizers = {"lora": lora_weights(unet), **extra_modules}, {"lora": opt, **extra_opts}
+    state_dir = run_dir / "refine"
+    start = load_train_state(state_dir, modules, optimizers) or 0
+    timer = Timer(state_dir)
+    rng = np.random.default_rng(cfg.seed + start)
+    gen = torch.Generator().manual_seed(cfg.seed + start)
+    uncond = teacher.encode_prompts([""]).expand(cfg.batch_size, -1, -1)
+    bar = tqdm(range(start, cfg.steps), desc="hypersd-refine", disable=not progress, mininterval=5.0,
+               initial=start, total=cfg.steps)  # fmt: skip
+    for step in bar:
+        set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
+        idx = rng.integers(0, len(latents), cfg.batch_size)
+        cond = teacher.encode_prompts(captions_for_labels(labels[idx], rng, base.cond_dropout))
+        loss = tscd_loss(unet, teacher.unet, teacher.alphas_cumprod, latents[idx], cond, uncond, 1, base, gen)
+        x = one_step_sample(unet, torch.randn(latents[idx].shape, generator=gen), cond, teacher.alphas_cumprod)
+        if step >= cfg.matching.fake_warmup:
+            loss = loss + cfg.matching.weight * matching.loss(x, cond, gen)
+        matching.fit(x, cond, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_train_state(state_dir, step + 1, modules, optimizers, config_dict(cfg))
+            timer.save()
+
+    provenance = dict(student_cfg.provenance)
+    leg = {"student": student_dir.name, "steps": cfg.steps, "lr": cfg.lr, "recipe": "k=1 TSCD + DMD on 1-step samples",
+           "distribution_matching": config_dict(cfg.matching), "train_seconds": round(timer.seconds),
+           "commit": git_commit()}  # fmt: skip
+    provenance["refinements"] = [*provenance.get("refinements", []), leg]
+    export_hypersd(export_dir, unet, teacher, replace(base, default_steps=student_cfg.default_steps, eta=student_cfg.eta), provenance)
+    report = {"refine_seconds": round(timer.seconds), "config": config_dict(cfg)}
+    (run_dir / "refine_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

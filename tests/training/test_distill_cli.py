@@ -83,3 +83,18 @@ def test_refine_an_instaflow_student_from_the_command_line(tiny_teacher_dir, tmp
 def test_refining_instaflow_needs_the_student_to_refine(tmp_path):
     with pytest.raises(SystemExit, match="--student"):
         flashstep_main(["train", "instaflow-refine", "--tiny", "--runs", str(tmp_path)])
+
+
+def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tmp_path):
+    runs, models = str(tmp_path / "runs"), tmp_path / "models"
+    common = ["--tiny", "--teacher", str(tiny_teacher_dir), "--runs", runs]
+    assert flashstep_main(["train", "hypersd", *common, "--out", str(models)]) == 0
+    refined = tmp_path / "refined"
+    argv = ["train", "hypersd-refine", *common, "--student", str(models / "shapes-hypersd"), "--dmd-weight", "2"]
+    assert flashstep_main([*argv, "--out", str(refined)]) == 0
+    leg = FlashstepConfig.load(refined).provenance["refinements"][0]
+    assert (leg["steps"], leg["distribution_matching"]["weight"]) == (2, 2.0)
+    result = load_engine(str(refined)).generate([GenerationRequest(prompt="a blue star", seed=1, num_inference_steps=1)])
+    assert result.images[0].size == (64, 64)
+    with pytest.raises(SystemExit, match="--student"):
+        flashstep_main(["train", "hypersd-refine", *common])

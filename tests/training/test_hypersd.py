@@ -8,15 +8,23 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+from models.denoiser import Conditioning, Denoiser
 from models.engine import Engine
+from models.families.hypersd import sample_tcd
 from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
-from training.distill import DEFAULT_TEACHER
+from models.schedule import NoiseSchedule
+from training.distill import DEFAULT_TEACHER, load_teacher, unet_eps
+from training.distribution_matching import DistributionMatchingConfig
 from training.hypersd import (
     LORA_WEIGHT_NAME,
+    HyperSDRefineConfig,
     HyperSDTrainConfig,
     base_reference,
     ddim_jump,
+    load_lora_student,
+    one_step_sample,
+    refine_hypersd,
     segment_boundaries,
     segment_start,
     solver_timesteps,
@@ -135,3 +143,55 @@ def test_hypersd_recipe_trains_resumes_and_exports_a_lora_folder(tiny_teacher_di
         fused = engine.unet(x, t, encoder_hidden_states=embeds).sample
     assert (after - before).abs().max() > 1e-3
     assert torch.allclose(after, fused, atol=ATOL)
+
+
+def test_the_one_step_sample_refinement_trains_is_the_served_one_step_tcd_sample():
+    class ConstantEps(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states, added_cond_kwargs=None):
+            return type("Out", (), {"sample": torch.full_like(x, 0.3)})()
+
+    alphas = torch.linspace(0.999, 0.0047, 1000, dtype=torch.float64)
+    schedule = NoiseSchedule(alphas)
+    z, embeds = torch.tensor([2.0, -1.0]).view(1, 2, 1, 1), torch.zeros(1, 3, 8)
+    served = sample_tcd(
+        Denoiser(ConstantEps(), Conditioning(prompt_embeds=embeds), "epsilon", schedule), z, [999], schedule, []
+    )
+    assert torch.allclose(one_step_sample(ConstantEps(), z, embeds, alphas.float()), served.float(), atol=1e-4)
+
+
+def test_score_distillation_refines_an_exported_lora_and_records_the_leg(tiny_teacher_dir, tmp_path):
+    student = tmp_path / "shapes-hypersd"
+    train_hypersd(TINY, tmp_path / "run", student, teacher_dir=tiny_teacher_dir, progress=False)
+    teacher = load_teacher(tiny_teacher_dir)
+
+    # The student reloads as trained: rank and modules from the file's metadata, weights as the engine fuses them.
+    unet, base = load_lora_student(teacher, student)
+    assert (base.rank, base.lora_targets) == (TINY.rank, TINY.lora_targets)
+    fused = Engine.load(student).unet
+    x, t = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)), torch.tensor([999, 499])
+    embeds = teacher.encode_prompts(["a red circle", "a blue star"])
+    with torch.no_grad():
+        assert torch.allclose(unet_eps(unet, x, t, embeds), unet_eps(fused, x, t, embeds), atol=ATOL)
+
+    cfg = HyperSDRefineConfig(steps=2, latents=8, batch_size=2, save_every=1,
+                              matching=DistributionMatchingConfig(fake_warmup=1, lora_rank=4))  # fmt: skip
+    report = refine_hypersd(cfg, tmp_path / "refine", student, tmp_path / "refined", teacher_dir=tiny_teacher_dir,
+                            progress=False)  # fmt: skip
+    assert report["refine_seconds"] >= 0
+    before, after = load_file(str(student / LORA_WEIGHT_NAME)), load_file(str(tmp_path / "refined" / LORA_WEIGHT_NAME))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    config, old = FlashstepConfig.load(tmp_path / "refined"), FlashstepConfig.load(student)
+    assert dataclasses.replace(config, provenance={}) == dataclasses.replace(old, provenance={})
+    (leg,) = config.provenance["refinements"]
+    assert (leg["student"], leg["steps"], leg["distribution_matching"]["fake_warmup"]) == ("shapes-hypersd", 2, 1)
+    for steps in (1, 2):
+        result = Engine.load(tmp_path / "refined").generate(
+            [GenerationRequest(prompt="a red circle", seed=3, num_inference_steps=steps)]
+        )
+        assert result.unet_evals == steps and result.images[0].size == (64, 64)
+
+
+def test_only_a_hypersd_lora_folder_can_be_refined(tiny_teacher_dir, tmp_path):
+    with pytest.raises(ValueError, match="not a hypersd LoRA folder"):
+        refine_hypersd(HyperSDRefineConfig(steps=1), tmp_path / "run", tiny_teacher_dir, tmp_path / "out",
+                       teacher_dir=tiny_teacher_dir, progress=False)  # fmt: skip
