@@ -71,6 +71,7 @@ class InstaFlowTrainConfig:
     distill_steps: int = 2400  # seen adherence at 1,000 steps 0.475, at 1,750 0.533 (ShapesBench, 4 seeds)
     perceptual_steps: int = 1800  # the last steps of `distill` add the perceptual loss (from step 600)
     perceptual_weight: float = 1.0
+    colour_weight: float = 0.0  # the perceptual loss's pooled-colour term (JudgePerceptual)
     batch_size: int = 64
     lr: float = 2e-4
     warmup: int = 100
@@ -215,21 +216,33 @@ def _train_stage(
 class JudgePerceptual:
     """Perceptual distance on the judge's penultimate features of decoded images (LPIPS stand-in).
 
+    With `colour_weight`, plus the squared error of the two images' colours pooled to 16 x 16: a
+    one-step student's wrong colours are mostly neighbouring hues (orange for red, blue for
+    purple), a small step in the VAE's latents and in the judge's pooled features alike.
     Gradients flow through the frozen VAE decoder and judge into the student's latents.
     """
 
-    def __init__(self, teacher: Teacher, judge: Judge) -> None:
+    def __init__(self, teacher: Teacher, judge: Judge, colour_weight: float = 0.0) -> None:
         self.vae = teacher.vae
         self.judge = judge.eval().requires_grad_(False)
+        self.colour_weight = colour_weight
 
-    def features(self, latents: torch.Tensor) -> torch.Tensor:
-        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.judge(images)[0], dim=-1)
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            want = self.features(target)
-        return (self.features(pred) - want).pow(2).sum(-1).mean()
+            want_images = self._decode(target)
+            want = self._features(want_images)
+        images = self._decode(pred)
+        loss = (self._features(images) - want).pow(2).sum(-1).mean()
+        if self.colour_weight:
+            size = images.shape[-1] // 16
+            loss = loss + self.colour_weight * F.mse_loss(F.avg_pool2d(images, size), F.avg_pool2d(want_images, size))
+        return loss
 
 
 def one_step_loss(cfg: InstaFlowTrainConfig, perceptual: JudgePerceptual, matching: DistributionMatching | None = None):
@@ -278,7 +291,7 @@ def train_instaflow(
         "reflow", teacher, student_unet(teacher), pairs, cfg, cfg.reflow_steps, run_dir / "reflow", reflow_loss, progress
     )
 
-    distill_loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load()))
+    distill_loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load(), cfg.colour_weight))
 
     init = student_unet(teacher)
     init.load_state_dict(rf2.state_dict())
@@ -363,7 +376,7 @@ def refine_instaflow(
     init.load_state_dict(UNet2DConditionModel.from_pretrained(student_dir / "unet", use_safetensors=True).state_dict())
     dm = cfg.distribution_matching
     matching = DistributionMatching(teacher, dm) if dm is not None else None
-    distill_loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load()), matching)
+    distill_loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load(), cfg.colour_weight), matching)
 
     one, seconds = _train_stage(
         "refine", teacher, init, pairs, cfg, cfg.distill_steps, run_dir / "refine", distill_loss, progress,
@@ -372,7 +385,8 @@ def refine_instaflow(
     provenance = dict(student_cfg.provenance)
     leg = {
         "student": student_dir.name, "steps": cfg.distill_steps, "pairs": cfg.pairs, "lr": cfg.lr,
-        "perceptual_steps": cfg.perceptual_steps, "train_seconds": round(pairs_seconds + seconds),
+        "perceptual_steps": cfg.perceptual_steps, "colour_weight": cfg.colour_weight,
+        "train_seconds": round(pairs_seconds + seconds),
         "commit": git_commit(),
     }  # fmt: skip
     if dm is not None:

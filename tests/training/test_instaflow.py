@@ -10,8 +10,10 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from models.engine import Engine
 from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
+from training.distill import load_teacher
 from training.instaflow import (
     InstaFlowTrainConfig,
+    JudgePerceptual,
     load_pairs,
     refine_instaflow,
     reflow_target,
@@ -103,3 +105,20 @@ def test_only_a_one_step_instaflow_student_can_be_refined(tiny_teacher_dir, rand
     with pytest.raises(ValueError, match="not a one-step instaflow student"):
         refine_instaflow(TINY, tmp_path / "run", tiny_teacher_dir, tmp_path / "out", teacher_dir=tiny_teacher_dir,
                          judge=random_judge, progress=False)  # fmt: skip
+
+
+def test_the_perceptual_loss_can_weigh_colour_pooled_to_16_by_16(tiny_teacher_dir, random_judge):
+    teacher = load_teacher(tiny_teacher_dir)
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn((2, 4, 8, 8), generator=gen), torch.randn((2, 4, 8, 8), generator=gen)
+    plain, coloured = JudgePerceptual(teacher, random_judge), JudgePerceptual(teacher, random_judge, colour_weight=2.0)
+    assert coloured(target, target).item() == pytest.approx(0.0, abs=1e-6)
+
+    def pooled(latents):  # the decoded image's mean colour over 4 x 4 pixel cells (64 / 16)
+        with torch.no_grad():
+            images = teacher.vae.decode(latents / teacher.vae.config.scaling_factor).sample.clamp(-1, 1)
+        return torch.nn.functional.avg_pool2d(images, 4)
+
+    colour = (pooled(pred) - pooled(target)).pow(2).mean().item()
+    assert colour > 0
+    assert coloured(pred, target).item() == pytest.approx(plain(pred, target).item() + 2.0 * colour, rel=1e-4)
