@@ -11,14 +11,21 @@ from models.engine import Engine
 from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
 from training.checkpointing import TRAIN_STATE
-from training.distill import load_teacher, unet_eps
+from training.distill import load_teacher, student_unet, unet_eps
 from training.distribution_matching import (
     DistributionMatching,
     DistributionMatchingConfig,
     dmd_grad,
     predicted_x0,
 )
-from training.instaflow import InstaFlowTrainConfig, refine_instaflow, train_instaflow
+from training.instaflow import (
+    InstaFlowTrainConfig,
+    JudgePerceptual,
+    one_step,
+    one_step_loss,
+    refine_instaflow,
+    train_instaflow,
+)
 from training.swiftbrush import adapters_off, add_noise
 
 TINY = InstaFlowTrainConfig(
@@ -113,3 +120,25 @@ def test_a_refinement_with_distribution_matching_saves_its_fake_score_and_record
     assert leg["distribution_matching"]["weight"] == 0.5 and leg["distribution_matching"]["guidance"] == 4.0
     result = Engine.load(tmp_path / "refined").generate([GenerationRequest(prompt="a red circle", seed=3)])
     assert result.unet_evals == 1 and result.images[0].size == (64, 64)
+
+
+def test_the_one_step_loss_matches_distributions_on_fresh_noise_not_on_the_pairs_noise(tiny_teacher_dir, random_judge):
+    # The student fits its fixed set of pair noises far better than new noise; the served case is new noise.
+    teacher = load_teacher(tiny_teacher_dir)
+    seen = []
+
+    class Recording(DistributionMatching):
+        def loss(self, x, embeds, gen):
+            seen.append(x.detach().clone())
+            return super().loss(x, embeds, gen)
+
+    matching = Recording(teacher, DistributionMatchingConfig(fake_warmup=0, lora_rank=4))
+    loss_fn = one_step_loss(replace(TINY, perceptual_steps=0), JudgePerceptual(teacher, random_judge), matching)
+    unet = student_unet(teacher)
+    z = torch.randn((2, *teacher.latent_shape), generator=torch.Generator().manual_seed(0))
+    embeds = teacher.encode_prompts(["a red circle", "a blue star"])
+    value = loss_fn(unet, z, torch.zeros_like(z), embeds, 0, torch.Generator().manual_seed(1))
+    assert torch.isfinite(value) and len(seen) == 1
+    with torch.no_grad():
+        on_pairs = one_step(unet, z, embeds)
+    assert seen[0].shape == on_pairs.shape and not torch.allclose(seen[0], on_pairs)
