@@ -10,7 +10,14 @@ import torch
 from models.flashstep_config import FlashstepConfig
 from training.architecture import ShapesArch
 from training.export import export_random
+from training.instaflow import InstaFlowTrainConfig
 from training.judge import Judge
+
+# The instaflow recipe in seconds: what its tests and the distribution-matching refinement's run.
+INSTAFLOW_TINY = InstaFlowTrainConfig(
+    pairs=6, pair_steps=2, pair_batch=4, reflow_steps=3, distill_steps=3, perceptual_steps=1,
+    batch_size=2, save_every=2, warmup=1,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from models.engine import Engine
 from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
+from tests.training.conftest import INSTAFLOW_TINY
 from training.checkpointing import TRAIN_STATE
 from training.distill import load_teacher, student_unet, unet_eps
 from training.distribution_matching import (
@@ -19,7 +20,6 @@ from training.distribution_matching import (
     predicted_x0,
 )
 from training.instaflow import (
-    InstaFlowTrainConfig,
     JudgePerceptual,
     one_step,
     one_step_loss,
@@ -28,10 +28,7 @@ from training.instaflow import (
 )
 from training.swiftbrush import adapters_off, add_noise
 
-TINY = InstaFlowTrainConfig(
-    pairs=6, pair_steps=2, pair_batch=4, reflow_steps=2, distill_steps=2, perceptual_steps=1,
-    batch_size=2, save_every=2, warmup=1,
-)  # fmt: skip
+TINY = INSTAFLOW_TINY
 
 
 def test_dmd_gradient_matches_a_hand_computation():

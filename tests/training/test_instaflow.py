@@ -10,9 +10,9 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from models.engine import Engine
 from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
+from tests.training.conftest import INSTAFLOW_TINY
 from training.distill import load_teacher
 from training.instaflow import (
-    InstaFlowTrainConfig,
     JudgePerceptual,
     load_pairs,
     refine_instaflow,
@@ -20,10 +20,7 @@ from training.instaflow import (
     train_instaflow,
 )
 
-TINY = InstaFlowTrainConfig(
-    pairs=6, pair_steps=2, pair_batch=4, reflow_steps=3, distill_steps=3, perceptual_steps=1,
-    batch_size=2, save_every=2, warmup=1,
-)
+TINY = INSTAFLOW_TINY
 
 
 def test_reflow_target_matches_a_hand_computation():
