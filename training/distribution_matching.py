@@ -1,11 +1,11 @@
 """Distribution matching (DMD's generator gradient) for a one-step student that also regresses pairs.
 
-Why: a one-step student that only regresses the teacher's ODE endpoints averages what it cannot
-tell apart from the noise alone. On shapes that shows as colour read from z: a red circle with
-green patches, a purple square drawn green. Those images are off the teacher's distribution
-whatever the noise was, and a distribution-matching gradient (DMD, Yin et al. 2023,
-arXiv:2311.18828, eq. 7-8; DMD2, arXiv:2405.14867, keeps it and adds the two time-scale rule)
-penalises exactly that: noise the student's sample x to a random t, ask where the guided teacher
+Why: a one-step student that only regresses the teacher's ODE endpoints learns the map on the
+pairs' noises and no further; on fresh noise its images drift off the teacher's distribution
+(on shapes: neighbouring hues, purple drawn blue, orange drawn yellow). A distribution-matching
+gradient (DMD, Yin et al. 2023, arXiv:2311.18828, eq. 7-8; DMD2, arXiv:2405.14867, keeps it and
+adds the two time-scale rule) needs no pairs, so it can act on any noise: noise the student's
+sample x to a random t, ask where the guided teacher
 (the "real" score) and where a model of the student's own samples (the "fake" score) would
 denoise it, and move x from the second towards the first. DMD1 pairs it with a regression loss,
 as here: the regression keeps the ODE coupling (and diversity), the matching term the modes.

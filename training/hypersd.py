@@ -377,7 +377,6 @@ def train_hypersd(
     return report
 
 
-
 # ----- score distillation for one step (Hyper-SD Sec. 3.3) -----
 
 
@@ -402,8 +401,7 @@ class HyperSDRefineConfig:
 def one_step_sample(unet: torch.nn.Module, z: torch.Tensor, embeds: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The served 1-step TCD sample: eps at 999, then the DDIM jump to timestep 0."""
     t = torch.full((z.shape[0],), 999, dtype=torch.long)
-    n = z.shape[0]
-    return ddim_jump(z, unet_eps(unet, z, t, embeds), alphas_cumprod[t], alphas_cumprod[0].expand(n))
+    return ddim_jump(z, unet_eps(unet, z, t, embeds), alphas_cumprod[t], alphas_cumprod[0].expand(z.shape[0]))
 
 
 def load_lora_student(teacher: Teacher, folder: Path) -> tuple[UNet2DConditionModel, HyperSDTrainConfig]:
@@ -454,8 +452,9 @@ def refine_hypersd(
         set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
         idx = rng.integers(0, len(latents), cfg.batch_size)
         cond = teacher.encode_prompts(captions_for_labels(labels[idx], rng, base.cond_dropout))
-        loss = tscd_loss(unet, teacher.unet, teacher.alphas_cumprod, latents[idx], cond, uncond, 1, base, gen)
-        x = one_step_sample(unet, torch.randn(latents[idx].shape, generator=gen), cond, teacher.alphas_cumprod)
+        real = latents[idx]
+        loss = tscd_loss(unet, teacher.unet, teacher.alphas_cumprod, real, cond, uncond, 1, base, gen)
+        x = one_step_sample(unet, torch.randn(real.shape, generator=gen), cond, teacher.alphas_cumprod)
         if step >= cfg.matching.fake_warmup:
             loss = loss + cfg.matching.weight * matching.loss(x, cond, gen)
         matching.fit(x, cond, gen)
