@@ -195,12 +195,8 @@ def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
         cfg = dataclasses.replace(cfg, **{**DISTILL_STAGES["instaflow"][4], "perceptual_steps": 2})
     if args.steps:
         cfg = dataclasses.replace(cfg, distill_steps=args.steps, perceptual_steps=args.steps)
-    if args.pairs:
-        cfg = dataclasses.replace(cfg, pairs=args.pairs)
-    if args.colour_weight:
-        cfg = dataclasses.replace(cfg, colour_weight=args.colour_weight)
-    if args.lr:
-        cfg = dataclasses.replace(cfg, lr=args.lr)
+    given = {"pairs": args.pairs, "colour_weight": args.colour_weight, "lr": args.lr}
+    cfg = dataclasses.replace(cfg, **{field: value for field, value in given.items() if value})
     if args.dmd_weight:
         dm = _matching(DistributionMatchingConfig(weight=args.dmd_weight), cfg.distill_steps)
         cfg = dataclasses.replace(cfg, distribution_matching=dm)
@@ -313,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--student", type=Path, default=None, help="instaflow-refine / hypersd-refine: the exported student to refine (its export goes to --out, default RUNS/<stage>/<its shipped name>)")
     t.add_argument("--dmd-weight", type=float, default=None, help="instaflow-refine: add DMD distribution matching (real score: the teacher with CFG; fake score: a LoRA on the student's samples) at this weight beside the L2 regression; hypersd-refine: the weight of its DMD term (default 1)")
     t.add_argument("--pairs", type=int, default=None, help="instaflow-refine: teacher ODE pairs to train on (default 12,288; the first ones are the recipe's, missing ones are generated)")
-    t.add_argument("--lr", type=float, default=None, help="instaflow-refine: peak learning rate (default 1e-4; the last shipped leg used 2e-4 on 98,304 pairs)")
+    t.add_argument("--lr", type=float, default=None, help="instaflow-refine: peak learning rate (default 1e-4)")
     t.add_argument("--colour-weight", type=float, default=None, help="instaflow-refine: weight of the perceptual loss's pooled-colour term (default 0: judge features only)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
