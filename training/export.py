@@ -43,8 +43,10 @@ def training_scheduler() -> DDPMScheduler:
 
 
 def git_commit() -> str:
+    """The project's commit, asked of the checkout this file lies in, whatever the run's working folder."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        repo = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, cwd=repo)
         return out.stdout.strip() or "uncommitted"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -62,6 +64,8 @@ def export_servable(
 ) -> Path:
     """Write a diffusers StableDiffusionPipeline folder plus flashstep.json to `folder`."""
     folder = Path(folder)
+    for module in (unet, vae):
+        _name_source_by_folder(module)
     scheduler = DPMSolverMultistepScheduler(**SD_SCHEDULE)
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -83,6 +87,18 @@ def export_servable(
     _write_slow_tokenizer_files(folder / "tokenizer")
     config.save(folder)
     return folder
+
+
+def _name_source_by_folder(module: UNet2DConditionModel | AutoencoderKL) -> None:
+    """Keep only `<model folder>/<component>` of the folder a module was loaded from.
+
+    diffusers writes that folder into the exported config as `_name_or_path`; whole, it would ship
+    the training machine's paths in every model folder.
+    """
+    source = module.config.get("_name_or_path")
+    if source:
+        path = Path(source)
+        module.register_to_config(_name_or_path=f"{path.parent.name}/{path.name}")
 
 
 def _write_slow_tokenizer_files(tokenizer_dir: Path) -> None:

@@ -115,3 +115,21 @@ def test_cli_runs_the_two_phase_vae_recipe(tmp_path):
     for a, b in zip(vae.encoder.parameters(), joint.encoder.parameters(), strict=True):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(vae.decoder.parameters(), joint.decoder.parameters(), strict=True))
+
+
+def test_an_export_names_its_source_by_folder_not_by_the_training_machines_path(tiny_teacher_dir, tmp_path):
+    from training.distill import export_student, load_teacher, student_unet
+
+    teacher = load_teacher(tiny_teacher_dir.resolve())
+    out = export_student(tmp_path / "student", teacher, student_unet(teacher), FlashstepConfig.load(tiny_teacher_dir))
+    for part in ("unet", "vae"):
+        written = json.loads((out / part / "config.json").read_text())["_name_or_path"]
+        assert written == f"{tiny_teacher_dir.name}/{part}"
+
+
+def test_the_commit_recorded_does_not_depend_on_the_working_folder(tmp_path, monkeypatch):
+    from training.export import git_commit
+
+    here = git_commit()
+    monkeypatch.chdir(tmp_path)
+    assert git_commit() == here
