@@ -10,7 +10,7 @@ from safetensors import safe_open
 from models.engine import Engine
 from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
-from tests.training.conftest import INSTAFLOW_TINY
+from tests.training.conftest import INSTAFLOW_TINY as TINY
 from training.checkpointing import TRAIN_STATE
 from training.distill import load_teacher, student_unet, unet_eps
 from training.distribution_matching import (
@@ -27,8 +27,6 @@ from training.instaflow import (
     train_instaflow,
 )
 from training.swiftbrush import adapters_off, add_noise
-
-TINY = INSTAFLOW_TINY
 
 
 def test_dmd_gradient_matches_a_hand_computation():

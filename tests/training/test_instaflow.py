@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from models.engine import Engine
 from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
-from tests.training.conftest import INSTAFLOW_TINY
+from tests.training.conftest import INSTAFLOW_TINY as TINY
 from training.distill import load_teacher
 from training.instaflow import (
     JudgePerceptual,
@@ -19,8 +19,6 @@ from training.instaflow import (
     reflow_target,
     train_instaflow,
 )
-
-TINY = INSTAFLOW_TINY
 
 
 def test_reflow_target_matches_a_hand_computation():
