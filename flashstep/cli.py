@@ -156,17 +156,36 @@ def _train_distilled(args: argparse.Namespace) -> dict:
     cfg = getattr(module, cfg_name)()
     if args.tiny:
         cfg = dataclasses.replace(cfg, **tiny)
-    if args.steps:
+    if args.steps is not None:  # 0 is a length too: swiftbrush --start-from with --steps 0 exports the take-over alone
         lengths = {}
         for f in dataclasses.fields(cfg):
             if f.name in STEP_FIELDS:
                 value = getattr(cfg, f.name)
                 lengths[f.name] = (args.steps,) * len(value) if isinstance(value, tuple) else args.steps
         cfg = dataclasses.replace(cfg, **lengths)
+    if args.stage == "swiftbrush":
+        cfg = _swiftbrush_options(cfg, args)
     out = Path(args.out or SHIPPED_MODELS_DIR)
     teacher = Path(args.teacher or SHIPPED_MODELS_DIR / "shapes-teacher")
     train = getattr(module, fn_name)
     return train(cfg, Path(args.runs) / args.stage, *(out / name for name in exports), teacher_dir=teacher)
+
+
+def _swiftbrush_options(cfg, args: argparse.Namespace):
+    """`--lr` and SwiftBrush v2's start (`--start-from FOLDER`, `--start-steps N`) on the swiftbrush recipe."""
+    from training.warm_start import WarmStartConfig
+
+    if args.lr:
+        cfg = dataclasses.replace(cfg, lr=args.lr)
+    if args.start_from is not None:
+        start = WarmStartConfig(source=str(args.start_from))
+        if args.tiny:
+            start = dataclasses.replace(start, steps=2, batch_size=2, save_every=1)
+        start = dataclasses.replace(start, steps=args.start_steps or start.steps)
+        cfg = dataclasses.replace(cfg, warm_start=start)
+    elif args.start_steps:
+        raise SystemExit("--start-steps needs --start-from FOLDER: the one-step student to start from")
+    return cfg
 
 
 def _refinement_paths(args: argparse.Namespace, runs: Path, shipped_name: str) -> tuple[Path, Path]:
@@ -309,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--student", type=Path, default=None, help="instaflow-refine / hypersd-refine: the exported student to refine (its export goes to --out, default RUNS/<stage>/<its shipped name>)")
     t.add_argument("--dmd-weight", type=float, default=None, help="instaflow-refine: add DMD distribution matching (real score: the teacher with CFG; fake score: a LoRA on the student's samples) at this weight beside the L2 regression; hypersd-refine: the weight of its DMD term (default 1)")
     t.add_argument("--pairs", type=int, default=None, help="instaflow-refine: teacher ODE pairs to train on (default 12,288; the first ones are the recipe's, missing ones are generated)")
-    t.add_argument("--lr", type=float, default=None, help="instaflow-refine: peak learning rate (default 1e-4)")
+    t.add_argument("--lr", type=float, default=None, help="instaflow-refine, swiftbrush: the student's peak learning rate (defaults 1e-4, 3e-4)")
+    t.add_argument("--start-from", type=Path, default=None, help="swiftbrush: start the student from this one-step instaflow student (SwiftBrush v2), taken over by regression on fresh noise, instead of from the teacher")
+    t.add_argument("--start-steps", type=int, default=None, help="swiftbrush with --start-from: steps of that regression (default 1,500)")
     t.add_argument("--colour-weight", type=float, default=None, help="instaflow-refine: weight of the perceptual loss's pooled-colour term (default 0: judge features only)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")

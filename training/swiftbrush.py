@@ -23,6 +23,10 @@ The frozen teacher and the LoRA teacher are one module: the teacher's epsilon is
 teacher's with its adapters switched off, so the recipe holds two UNets (student and LoRA
 teacher), not three. Student and LoRA steps alternate, each with its own AdamW.
 Exported as `shapes-swiftbrush` (family swiftbrush, one step, no CFG).
+
+With `warm_start` (`--start-from FOLDER`), the student starts as a stronger one-step model instead
+of the teacher, as SwiftBrush v2 starts from SD-Turbo: training/warm_start.py takes that model's map
+over into this parameterisation before the first VSD step.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -56,6 +61,9 @@ from training.distill import (
     student_unet,
     unet_eps,
 )
+
+if TYPE_CHECKING:  # warm_start imports instaflow, which imports this module's LoRA teacher
+    from training.warm_start import WarmStartConfig
 
 STUDENT_TIMESTEP = 999
 
@@ -106,6 +114,9 @@ class SwiftBrushTrainConfig:
     grad_clip: float = 1.0
     save_every: int = 100
     seed: int = 8000
+    # SwiftBrush v2's start (training/warm_start.py): the student first takes over a stronger one-step
+    # model's map, then VSD refines it. None: the student starts as the teacher (SwiftBrush v1).
+    warm_start: WarmStartConfig | None = None
 
     def __post_init__(self) -> None:
         if self.lora_updates < 1:
@@ -289,6 +300,16 @@ def train_swiftbrush(
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(teacher_dir)
     student = student_unet(teacher)
+    warm_seconds = 0.0
+    if cfg.warm_start is not None:
+        from training.warm_start import warm_start
+
+        abar_999 = teacher.alphas_cumprod[STUDENT_TIMESTEP]
+        started, warm_seconds = warm_start(
+            teacher, lambda unet, z, embeds: student_x0(unet, z, embeds, abar_999), cfg.warm_start,
+            run_dir / "warm_start", progress=progress,
+        )  # fmt: skip
+        student.load_state_dict(started.state_dict())
     guide = lora_teacher(teacher, cfg.lora_rank, cfg.lora_targets)
     ema = EMA(student, cfg.ema_decay)
     lora_params = [p for p in guide.parameters() if p.requires_grad]
@@ -333,9 +354,16 @@ def train_swiftbrush(
                 f.writelines(json.dumps(h) + "\n" for h in history)
             history = []
 
-    report = {"seconds": round(timer.seconds), "steps": cfg.steps, "config": config_dict(cfg)}
+    seconds = timer.seconds + warm_seconds
+    report = {"seconds": round(seconds), "warm_start_seconds": round(warm_seconds), "steps": cfg.steps,
+              "config": config_dict(cfg)}  # fmt: skip
     if export_dir is not None:
         kind = f"fixed {cfg.guidance}" if cfg.guidance is not None else f"PG-SB kappa ~ U{cfg.guidance_range}"
+        origin = {"start": "the teacher"}
+        if cfg.warm_start is not None:
+            origin = {"start": f"{Path(cfg.warm_start.source).name}, taken over by regression (SwiftBrush v2)",
+                     "warm_start": {**config_dict(cfg.warm_start), "source": Path(cfg.warm_start.source).name,
+                                    "train_seconds": round(warm_seconds)}}  # fmt: skip
         config = FlashstepConfig(
             family="swiftbrush",
             default_steps=1,
@@ -350,8 +378,10 @@ def train_swiftbrush(
                 teacher.folder.name,
                 cfg.steps,
                 cfg.batch_size,
-                timer.seconds,
+                seconds,
                 {
+                    **origin,
+                    "lr": cfg.lr,
                     "guidance": kind,
                     "lora_rank": cfg.lora_rank,
                     "lora_updates": cfg.lora_updates,

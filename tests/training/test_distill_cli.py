@@ -86,6 +86,23 @@ def test_refining_instaflow_needs_the_student_to_refine(tmp_path):
         flashstep_main(["train", "instaflow-refine", "--tiny", "--runs", str(tmp_path)])
 
 
+def test_swiftbrush_from_an_instaflow_students_start_on_the_command_line(tiny_teacher_dir, tmp_path):
+    runs, models = str(tmp_path / "runs"), tmp_path / "models"
+    common = ["--tiny", "--teacher", str(tiny_teacher_dir), "--runs", runs]
+    assert flashstep_main(["train", "instaflow", *common, "--out", str(models)]) == 0
+    start = ["--start-from", str(models / "shapes-instaflow"), "--start-steps", "3", "--lr", "5e-5"]
+    out = tmp_path / "sb"
+    # --steps 0: the take-over alone, exported as a swiftbrush student.
+    assert flashstep_main(["train", "swiftbrush", *common, *start, "--steps", "0", "--out", str(out)]) == 0
+    provenance = FlashstepConfig.load(out / "shapes-swiftbrush").provenance
+    assert (provenance["steps"], provenance["lr"], provenance["warm_start"]["steps"]) == (0, 5e-5, 3)
+    assert provenance["warm_start"]["source"] == "shapes-instaflow"
+    result = load_engine(str(out / "shapes-swiftbrush")).generate([GenerationRequest(prompt="a blue star", seed=1)])
+    assert result.images[0].size == (64, 64)
+    with pytest.raises(SystemExit, match="--start-from"):
+        flashstep_main(["train", "swiftbrush", *common, "--start-steps", "3", "--out", str(out)])
+
+
 def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tmp_path):
     runs, models = str(tmp_path / "runs"), tmp_path / "models"
     common = ["--tiny", "--teacher", str(tiny_teacher_dir), "--runs", runs]

@@ -1,0 +1,92 @@
+"""SwiftBrush v2's start: a swiftbrush student takes over a one-step instaflow student's map, then VSD goes on."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.engine import Engine
+from models.flashstep_config import FlashstepConfig
+from models.outputs import GenerationRequest
+from training.architecture import ShapesArch
+from training.checkpointing import TRAIN_STATE
+from training.distill import load_teacher
+from training.export import export_random
+from training.instaflow import one_step
+from training.swiftbrush import STUDENT_TIMESTEP, SwiftBrushTrainConfig, student_x0, train_swiftbrush
+from training.warm_start import WarmStartConfig, load_source, warm_start
+
+PROMPTS = ["a red circle", "a blue square", "a green star on the left", "a small yellow triangle"]
+
+
+@pytest.fixture(scope="module")
+def instaflow_dir(tmp_path_factory):
+    """A random one-step instaflow student: the machinery, not quality, is under test."""
+    config = FlashstepConfig(family="instaflow", default_steps=1, allowed_steps=(1,), resolution=64)
+    return export_random(tmp_path_factory.mktemp("source") / "tiny-instaflow", config, ShapesArch.tiny(), seed=5)
+
+
+def _x0(teacher):
+    abar_999 = teacher.alphas_cumprod[STUDENT_TIMESTEP]
+    return lambda unet, z, embeds: student_x0(unet, z, embeds, abar_999)
+
+
+def _gap(teacher, student, source) -> float:
+    """Latent MSE between the swiftbrush student's and the source's one-step samples on fixed noise."""
+    embeds = teacher.encode_prompts(PROMPTS)
+    z = torch.randn((len(PROMPTS), *teacher.latent_shape), generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        return F.mse_loss(_x0(teacher)(student, z, embeds), one_step(source, z, embeds)).item()
+
+
+def test_the_source_must_be_a_one_step_instaflow_student(tiny_teacher_dir):
+    teacher = load_teacher(tiny_teacher_dir)
+    with pytest.raises(ValueError, match="family teacher"):
+        load_source(tiny_teacher_dir, teacher)
+
+
+def test_the_student_moves_onto_the_sources_map_on_fresh_noise(tiny_teacher_dir, instaflow_dir, random_judge, tmp_path):
+    teacher = load_teacher(tiny_teacher_dir)
+    source = load_source(instaflow_dir, teacher)
+    cfg = WarmStartConfig(source=str(instaflow_dir), steps=30, batch_size=4, lr=2e-3, warmup=1, ema_decay=0.0,
+                          perceptual_weight=0.1, save_every=10)  # fmt: skip
+    before = _gap(teacher, load_teacher(tiny_teacher_dir).unet, source)  # the student starts as the teacher
+    student, seconds = warm_start(teacher, _x0(teacher), cfg, tmp_path / "run", judge=random_judge, progress=False)
+    after = _gap(teacher, student, source)
+    assert seconds > 0
+    assert after < 0.5 * before, (before, after)
+
+
+def test_the_take_over_resumes_where_it_stopped(tiny_teacher_dir, instaflow_dir, random_judge, tmp_path):
+    teacher = load_teacher(tiny_teacher_dir)
+    cfg = WarmStartConfig(source=str(instaflow_dir), steps=3, batch_size=2, save_every=2, warmup=1)
+    run = tmp_path / "run"
+    warm_start(teacher, _x0(teacher), replace(cfg, steps=2), run, judge=random_judge, progress=False)
+    assert (run / TRAIN_STATE).exists()
+    resumed, _ = warm_start(teacher, _x0(teacher), cfg, run, judge=random_judge, progress=False)
+    again, _ = warm_start(teacher, _x0(teacher), cfg, run, judge=random_judge, progress=False)  # done: reloads
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+def test_swiftbrush_from_a_warm_start_exports_the_take_over_with_its_provenance(
+    tiny_teacher_dir, instaflow_dir, tmp_path
+):
+    start = WarmStartConfig(source=str(instaflow_dir), steps=2, batch_size=2, save_every=1, warmup=1)
+    cfg = SwiftBrushTrainConfig(steps=0, batch_size=2, lora_rank=4, warm_start=start)
+    out = tmp_path / "swiftbrush"
+    report = train_swiftbrush(cfg, tmp_path / "run", out, teacher_dir=tiny_teacher_dir, progress=False)
+    assert report["steps"] == 0 and "warm_start_seconds" in report
+
+    provenance = FlashstepConfig.load(out).provenance
+    assert provenance["start"].startswith("tiny-instaflow")
+    assert (provenance["warm_start"]["source"], provenance["warm_start"]["steps"]) == ("tiny-instaflow", 2)
+
+    # With no VSD steps the export is the take-over itself, served by the swiftbrush sampler.
+    teacher = load_teacher(tiny_teacher_dir)
+    taken_over, _ = warm_start(teacher, _x0(teacher), start, tmp_path / "run" / "warm_start", progress=False)
+    exported = Engine.load(out)
+    result = exported.generate([GenerationRequest(prompt="a red circle", seed=3, num_inference_steps=1)])
+    assert result.unet_evals == 1
+    served = load_teacher(out).unet.state_dict()
+    assert all(torch.equal(served[k], v.half().float()) for k, v in taken_over.state_dict().items())  # stored fp16
