@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +135,23 @@ def student_unet(teacher: Teacher) -> UNet2DConditionModel:
     import copy
 
     return copy.deepcopy(teacher.unet).train().requires_grad_(True)
+
+
+def check_finite(step: int, **losses: torch.Tensor) -> None:
+    """Stop a run at the first non-finite loss, naming it, rather than train on NaNs for hours."""
+    bad = {k: v.item() for k, v in losses.items() if not torch.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"non-finite loss at step {step}: {bad}")
+
+
+def optimizer_step(
+    opt: torch.optim.Optimizer, loss: torch.Tensor, params: Iterable[torch.nn.Parameter], clip: float = 1.0
+) -> None:
+    """One update every recipe makes the same way: backward, clip the gradient norm at `clip`, step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int) -> float:

@@ -69,6 +69,7 @@ from training.distill import (
     cfg_eps,
     load_teacher,
     lr_at,
+    optimizer_step,
     set_lr,
     student_unet,
     unet_eps,
@@ -346,10 +347,7 @@ def train_hypersd(
         idx = rng.integers(0, len(latents), cfg.batch_size)
         cond = teacher.encode_prompts(captions_for_labels(labels[idx], rng, cfg.cond_dropout))
         loss = tscd_loss(unet, teacher.unet, teacher.alphas_cumprod, latents[idx], cond, uncond, k, cfg, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params)
         losses.setdefault(f"k={k}", []).append(loss.item())
         bar.set_postfix(k=k, loss=f"{loss.item():.4f}", refresh=False)  # refresh would bypass mininterval
         stage_end = local + 1 == cfg.stage_steps[stage]
@@ -458,10 +456,7 @@ def refine_hypersd(
         if step >= cfg.matching.fake_warmup:
             loss = loss + cfg.matching.weight * matching.loss(x, cond, gen)
         matching.fit(x, cond, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_train_state(state_dir, step + 1, modules, optimizers, config_dict(cfg))

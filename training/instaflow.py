@@ -51,6 +51,7 @@ from training.distill import (
     export_student,
     load_teacher,
     lr_at,
+    optimizer_step,
     set_lr,
     student_unet,
 )
@@ -199,10 +200,7 @@ def _train_stage(
         idx = rng.integers(0, len(z_all), cfg.batch_size)
         embeds = _embed(teacher, [captions[i] for i in idx], rng, cfg.cond_dropout)
         loss = loss_fn(unet, z_all[idx], x_all[idx], embeds, step, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, unet.parameters())
         ema.update(unet, step)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == steps:

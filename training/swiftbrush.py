@@ -54,9 +54,11 @@ from training.distill import (
     Teacher,
     Timer,
     cfg_eps,
+    check_finite,
     export_student,
     load_teacher,
     lr_at,
+    optimizer_step,
     set_lr,
     student_unet,
     unet_eps,
@@ -255,21 +257,6 @@ def lora_loss(
     return F.mse_loss(unet_eps(guide, xt, t, torch.where(drop, batch.uncond, batch.embeds)), noise)
 
 
-def _check_finite(step: int, **losses: torch.Tensor) -> None:
-    bad = {k: v.item() for k, v in losses.items() if not torch.isfinite(v)}
-    if bad:
-        raise FloatingPointError(f"non-finite loss at step {step}: {bad}")
-
-
-def _step(
-    opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter], clip: float
-) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
-
-
 @torch.no_grad()
 def sample_grid(
     teacher: Teacher, unet: torch.nn.Module, prompts: Sequence[str] = PROBE_PROMPTS, seeds: int = 2
@@ -336,12 +323,12 @@ def train_swiftbrush(
         set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
         set_lr(lora_opt, lr_at(step, cfg.steps, cfg.lora_lr, cfg.warmup))
         vsd, batch = student_vsd(teacher, student, guide, prompts.draw(cfg.batch_size), cfg, gen)
-        _check_finite(step, vsd=vsd)
-        _step(opt, vsd, list(student.parameters()), cfg.grad_clip)
+        check_finite(step, vsd=vsd)
+        optimizer_step(opt, vsd, list(student.parameters()), cfg.grad_clip)
         for _ in range(cfg.lora_updates):  # the same samples, fresh t and noise each time
             lora = lora_loss(teacher, guide, batch, cfg, gen, rng)
-            _check_finite(step, lora=lora)
-            _step(lora_opt, lora, lora_params, cfg.grad_clip)
+            check_finite(step, lora=lora)
+            optimizer_step(lora_opt, lora, lora_params, cfg.grad_clip)
         ema.update(student, step)
         history.append({"step": step + 1, "vsd": vsd.item(), "lora": lora.item()})
         bar.set_postfix(vsd=f"{vsd.item():.2e}", lora=f"{lora.item():.4f}")

@@ -28,7 +28,16 @@ from tqdm import tqdm
 
 from models.flashstep_config import FlashstepConfig
 from training.checkpointing import EMA, config_dict, load_train_state, save_train_state
-from training.distill import PromptSampler, Teacher, Timer, lr_at, set_lr, student_unet
+from training.distill import (
+    PromptSampler,
+    Teacher,
+    Timer,
+    check_finite,
+    lr_at,
+    optimizer_step,
+    set_lr,
+    student_unet,
+)
 from training.instaflow import JudgePerceptual, one_step
 from training.judge import Judge
 
@@ -91,12 +100,8 @@ def warm_start(
             target = one_step(source, z, embeds)
         pred = student_x0(student, z, embeds)
         loss = F.mse_loss(pred, target) + cfg.perceptual_weight * perceptual(pred, target)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite warm-start loss at step {step}: {loss.item()}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        check_finite(step, warm_start=loss)
+        optimizer_step(opt, loss, student.parameters())
         ema.update(student, step)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
