@@ -167,3 +167,12 @@ def test_the_lora_teacher_can_take_several_updates_per_student_update(tiny_teach
         assert f.get_tensor("optim.lora.state.0.step").item() == 6
     with pytest.raises(ValueError, match="lora_updates"):
         SwiftBrushTrainConfig(lora_updates=0)
+
+
+def test_a_lora_warmup_trains_only_the_lora_teacher_in_its_first_steps(tiny_teacher_dir, tmp_path):
+    """From a warm start the LoRA teacher (the teacher at first) must fit the student's samples before VSD moves it."""
+    cfg = replace(TINY, steps=3, save_every=3, lora_updates=1, lora_warmup=2)
+    train_swiftbrush(cfg, tmp_path / "run", None, teacher_dir=tiny_teacher_dir, progress=False)
+    with safe_open(str(tmp_path / "run" / TRAIN_STATE), framework="pt") as f:
+        assert f.get_tensor("optim.lora.state.0.step").item() == 3
+        assert f.get_tensor("optim.student.state.0.step").item() == 1
