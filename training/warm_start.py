@@ -107,6 +107,4 @@ def warm_start(
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_train_state(run_dir, step + 1, modules, optimizers, config_dict(cfg))
             timer.save()
-    if start >= cfg.steps:
-        load_train_state(run_dir, {"ema": ema.module}, {})
-    return ema.module, timer.seconds
+    return ema.module, timer.seconds  # resumed after the last step: the EMA loaded with the state
