@@ -346,6 +346,24 @@ def train_instaflow(
     return report
 
 
+def one_step_student_config(folder: Path) -> FlashstepConfig:
+    """The config of a one-step instaflow student; any other folder is refused with what it is."""
+    config = FlashstepConfig.load(folder)
+    if config.family != "instaflow" or config.allowed_steps != (1,):
+        raise ValueError(f"{folder} is not a one-step instaflow student (family {config.family}, "
+                         f"steps {list(config.allowed_steps)})")  # fmt: skip
+    return config
+
+
+def load_one_step_student(folder: Path, teacher: Teacher) -> torch.nn.Module:
+    """A trainable float32 copy of the UNet in `folder` (checked by `one_step_student_config`)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = student_unet(teacher)
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).state_dict())
+    return unet
+
+
 def refine_instaflow(
     cfg: InstaFlowTrainConfig,
     run_dir: str | Path,
@@ -361,20 +379,14 @@ def refine_instaflow(
     loss from step `distill_steps - perceptual_steps` on. The export keeps the student's config
     and appends this run to its provenance's `refinements`.
     """
-    from diffusers import UNet2DConditionModel
-
     run_dir = Path(run_dir)
     student_dir = Path(student_dir)
-    student_cfg = FlashstepConfig.load(student_dir)
-    if student_cfg.family != "instaflow" or student_cfg.allowed_steps != (1,):
-        raise ValueError(f"{student_dir} is not a one-step instaflow student (family {student_cfg.family}, "
-                         f"steps {list(student_cfg.allowed_steps)})")  # fmt: skip
+    student_cfg = one_step_student_config(student_dir)  # before the pairs: a wrong folder fails at once
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(teacher_dir)
     pairs, pairs_seconds = _pairs(teacher, cfg, run_dir / "pairs", progress)
 
-    init = student_unet(teacher)
-    init.load_state_dict(UNet2DConditionModel.from_pretrained(student_dir / "unet", use_safetensors=True).state_dict())
+    init = load_one_step_student(student_dir, teacher)
     dm = cfg.distribution_matching
     matching = DistributionMatching(teacher, dm) if dm is not None else None
     distill_loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load(), cfg.colour_weight), matching)

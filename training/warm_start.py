@@ -23,10 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 from tqdm import tqdm
 
-from models.flashstep_config import FlashstepConfig
 from training.checkpointing import EMA, config_dict, load_train_state, save_train_state
 from training.distill import (
     PromptSampler,
@@ -38,7 +36,7 @@ from training.distill import (
     set_lr,
     student_unet,
 )
-from training.instaflow import JudgePerceptual, one_step
+from training.instaflow import JudgePerceptual, load_one_step_student, one_step, one_step_student_config
 from training.judge import Judge
 
 
@@ -57,14 +55,8 @@ class WarmStartConfig:
 
 def load_source(folder: str | Path, teacher: Teacher) -> torch.nn.Module:
     """The one-step instaflow student whose map the swiftbrush student takes over, frozen."""
-    folder = Path(folder)
-    cfg = FlashstepConfig.load(folder)
-    if cfg.family != "instaflow" or cfg.allowed_steps != (1,):
-        raise ValueError(f"warm start needs a one-step instaflow student; {folder} is family {cfg.family}, "
-                         f"steps {list(cfg.allowed_steps)}")  # fmt: skip
-    unet = student_unet(teacher)
-    unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).state_dict())
-    return unet.eval().requires_grad_(False)
+    one_step_student_config(Path(folder))
+    return load_one_step_student(Path(folder), teacher).eval().requires_grad_(False)
 
 
 def warm_start(

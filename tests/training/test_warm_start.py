@@ -42,7 +42,7 @@ def _gap(teacher, student, source) -> float:
 
 def test_the_source_must_be_a_one_step_instaflow_student(tiny_teacher_dir):
     teacher = load_teacher(tiny_teacher_dir)
-    with pytest.raises(ValueError, match="family teacher"):
+    with pytest.raises(ValueError, match="not a one-step instaflow student \\(family teacher"):
         load_source(tiny_teacher_dir, teacher)
 
 
