@@ -175,12 +175,9 @@ def _swiftbrush_options(cfg, args: argparse.Namespace):
     """`--lr`, `--guidance-range`, `--lora-warmup` and SwiftBrush v2's start (`--start-from FOLDER`, `--start-steps N`) on the swiftbrush recipe."""
     from training.warm_start import WarmStartConfig
 
-    if args.lr:
-        cfg = dataclasses.replace(cfg, lr=args.lr)
-    if args.guidance_range:
-        cfg = dataclasses.replace(cfg, guidance_range=tuple(args.guidance_range))
-    if args.lora_warmup:
-        cfg = dataclasses.replace(cfg, lora_warmup=args.lora_warmup)
+    range_ = tuple(args.guidance_range) if args.guidance_range else None
+    given = {"lr": args.lr, "guidance_range": range_, "lora_warmup": args.lora_warmup}
+    cfg = dataclasses.replace(cfg, **{field: value for field, value in given.items() if value})
     if args.start_from is not None:
         start = WarmStartConfig(source=str(args.start_from))
         if args.tiny:
