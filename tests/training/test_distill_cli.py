@@ -70,11 +70,14 @@ def test_refine_an_instaflow_student_from_the_command_line(tiny_teacher_dir, tmp
     assert flashstep_main(["train", "instaflow", *common, "--out", str(models)]) == 0
     refined = tmp_path / "refined"
     argv = ["train", "instaflow-refine", *common, "--steps", "2", "--student", str(models / "shapes-instaflow")]
-    options = ["--dmd-weight", "0.5", "--colour-weight", "5", "--pairs", "12", "--lr", "3e-4"]
-    assert flashstep_main([*argv, *options, "--out", str(refined)]) == 0
+    options = ["--dmd-weight", "0.5", "--colour-weight", "5", "--pairs", "12", "--pairs-from", "8", "--lr", "3e-4"]
+    assert flashstep_main([*argv, *options, "--bf16", "--out", str(refined)]) == 0
     assert "refine_seconds" in capsys.readouterr().out
     leg = FlashstepConfig.load(refined).provenance["refinements"][0]
     assert (leg["steps"], leg["colour_weight"], leg["pairs"], leg["lr"]) == (2, 5.0, 12, 3e-4)
+    assert (leg["pair_start"], leg["bf16"]) == (8, True)
+    pairs = sorted(p.name for p in (tmp_path / "runs" / "instaflow-refine" / "pairs").glob("pairs_*"))
+    assert pairs == ["pairs_0002.safetensors", "pairs_0003.safetensors", "pairs_0004.safetensors"]  # 8..19, by 4
     # Distribution matching joins after a fake-score warm-up that fits inside a short run.
     assert (leg["distribution_matching"]["weight"], leg["distribution_matching"]["fake_warmup"]) == (0.5, 1)
     result = load_engine(str(refined)).generate([GenerationRequest(prompt="a blue star", seed=1)])

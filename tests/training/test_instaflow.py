@@ -14,9 +14,11 @@ from tests.training.conftest import INSTAFLOW_TINY as TINY
 from training.distill import load_teacher
 from training.instaflow import (
     JudgePerceptual,
+    generate_pairs,
     load_pairs,
     refine_instaflow,
     reflow_target,
+    teacher_pairs,
     train_instaflow,
 )
 
@@ -34,6 +36,33 @@ def test_reflow_target_matches_a_hand_computation():
     assert torch.allclose(target.flatten(), torch.tensor([2.0, 2.5]))
     # One Euler step of the target velocity from the noise end lands on the data.
     assert torch.allclose((z + target), x)
+
+
+def test_pairs_are_seeded_by_index_so_a_leg_can_start_past_the_pairs_earlier_legs_fitted(tiny_teacher_dir, tmp_path):
+    teacher = load_teacher(tiny_teacher_dir)
+    first = replace(TINY, pairs=8)  # two chunks of 4
+    later = replace(first, pairs=4, pair_start=4)
+    generate_pairs(teacher, first, tmp_path / "first", progress=False)
+    generate_pairs(teacher, later, tmp_path / "later", progress=False)
+    assert [p.name for p in (tmp_path / "later").iterdir()] == ["pairs_0001.safetensors"]
+    z_all, x_all, captions_all = load_pairs(tmp_path / "first")
+    z, x, captions = load_pairs(tmp_path / "later", later)
+    assert torch.equal(z, z_all[4:]) and captions == captions_all[4:]
+    assert torch.allclose(x, x_all[4:], atol=1e-5)
+    # With a config, only its chunks load, whatever else the folder holds.
+    assert torch.equal(load_pairs(tmp_path / "first", later)[0], z)
+    with pytest.raises(ValueError, match="multiple of pair_batch"):
+        generate_pairs(teacher, replace(first, pair_start=2), tmp_path / "odd", progress=False)
+
+
+def test_bf16_teacher_pairs_are_fp32_latents_close_to_the_fp32_ones(tiny_teacher_dir):
+    teacher = load_teacher(tiny_teacher_dir)
+    captions = ["a red circle", "a blue star", "a small green square", "a yellow triangle"]
+    z = torch.randn((4, *teacher.latent_shape), generator=torch.Generator().manual_seed(0))
+    x32 = teacher_pairs(teacher, captions, z, 4, 4.0)
+    x16 = teacher_pairs(teacher, captions, z, 4, 4.0, bf16=True)
+    assert x16.dtype == torch.float32 and not torch.equal(x16, x32)  # autocast acted, the result is fp32
+    assert (x16 - x32).pow(2).mean() < 1e-2 * x32.var()
 
 
 def test_instaflow_recipe_trains_resumes_and_exports_servable_folders(tiny_teacher_dir, random_judge, tmp_path):
