@@ -69,7 +69,7 @@ class InstaFlowTrainConfig:
     pair_guidance: float = 4.0
     pair_batch: int = 128
     # The first pair's index (a multiple of pair_batch): pairs are seeded by index, so a refinement
-    # leg can take pairs no earlier leg fitted (the shipped student has fitted 0..98,303).
+    # leg can take pairs no earlier leg fitted (the shipped student has fitted 0..196,607).
     pair_start: int = 0
     # Teacher pairs and the student's forward passes under bfloat16 autocast (weights, optimiser and
     # the solver's state stay fp32). On the 2-core CPU: pairs 2.0x and training steps 1.4x
