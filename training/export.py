@@ -66,7 +66,9 @@ def export_servable(
     folder = Path(folder)
     for module in (unet, vae):
         _name_source_by_folder(module)
-    scheduler = DPMSolverMultistepScheduler(**SD_SCHEDULE)
+    # diffusers reads what the UNet outputs from the scheduler; a flow UNet has no diffusers name for it.
+    prediction = config.prediction if config.prediction != "flow" else SD_SCHEDULE["prediction_type"]
+    scheduler = DPMSolverMultistepScheduler(**{**SD_SCHEDULE, "prediction_type": prediction})
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

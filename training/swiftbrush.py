@@ -69,6 +69,12 @@ if TYPE_CHECKING:  # warm_start imports instaflow, which imports this module's L
 
 STUDENT_TIMESTEP = 999
 
+# The student's output, both of which the engine serves and diffusers' schedulers know. At t = 999,
+# sqrt(abar) = 0.068: an epsilon student's x0 is (z - 0.998 eps) / 0.068, so every error in eps
+# reaches the image ~15x larger, and under Adam every update moves x0 ~15x further than the same
+# step in a v student, whose x0 = 0.068 z - 0.998 v is as well conditioned as its output.
+STUDENT_PREDICTIONS = ("epsilon", "v_prediction")
+
 # Every linear layer of the transformer blocks (attention, feed-forward, projections in and out)
 # plus the ResNets' time-embedding projections, so the LoRA teacher has capacity beyond attention
 # on a UNet this small: 0.33M trainable parameters at rank 16 against the UNet's 3.3M. Adding
@@ -123,8 +129,13 @@ class SwiftBrushTrainConfig:
     # SwiftBrush v2's start (training/warm_start.py): the student first takes over a stronger one-step
     # model's map, then VSD refines it. None: the student starts as the teacher (SwiftBrush v1).
     warm_start: WarmStartConfig | None = None
+    # What the student's UNet outputs at t = 999 (see STUDENT_PREDICTIONS). epsilon is SwiftBrush's own;
+    # v_prediction is SD-Turbo's, which SwiftBrush v2 starts from.
+    prediction: str = "epsilon"
 
     def __post_init__(self) -> None:
+        if self.prediction not in STUDENT_PREDICTIONS:
+            raise ValueError(f"prediction must be one of {list(STUDENT_PREDICTIONS)}, got {self.prediction!r}")
         if self.lora_updates < 1:
             raise ValueError(f"lora_updates must be >= 1 (the LoRA teacher must follow the student), got {self.lora_updates}")
 
@@ -133,12 +144,22 @@ class SwiftBrushTrainConfig:
 
 
 def student_x0(
-    unet: torch.nn.Module, z: torch.Tensor, embeds: torch.Tensor, abar_999: torch.Tensor
+    unet: torch.nn.Module,
+    z: torch.Tensor,
+    embeds: torch.Tensor,
+    abar_999: torch.Tensor,
+    prediction: str = "epsilon",
 ) -> torch.Tensor:
-    """The one-step sample from pure noise z (B, C, h, w): x0 = (z - sqrt(1 - abar_999) eps(z, 999)) / sqrt(abar_999)."""
+    """The one-step sample from pure noise z (B, C, h, w), as the engine's `swiftbrush` sampler draws it.
+
+    epsilon: x0 = (z - sqrt(1 - abar_999) eps(z, 999)) / sqrt(abar_999);
+    v_prediction: x0 = sqrt(abar_999) z - sqrt(1 - abar_999) v(z, 999).
+    """
     t = torch.full((z.shape[0],), float(STUDENT_TIMESTEP))
-    eps = unet_eps(unet, z, t, embeds)
-    return (z - (1 - abar_999).sqrt() * eps) / abar_999.sqrt()
+    out = unet_eps(unet, z, t, embeds)
+    if prediction == "v_prediction":
+        return abar_999.sqrt() * z - (1 - abar_999).sqrt() * out
+    return (z - (1 - abar_999).sqrt() * out) / abar_999.sqrt()
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
@@ -226,7 +247,7 @@ def student_vsd(
     embeds = teacher.encode_prompts(prompts)  # (B, L, C)
     uncond = teacher.encode_prompts([""]).expand_as(embeds)
     z = torch.randn((n, *teacher.latent_shape), generator=gen)
-    x0 = student_x0(student, z, embeds, abar[STUDENT_TIMESTEP])
+    x0 = student_x0(student, z, embeds, abar[STUDENT_TIMESTEP], cfg.prediction)
 
     lo, hi = cfg.t_range
     t = torch.randint(lo, hi + 1, (n,), generator=gen)
@@ -263,12 +284,16 @@ def lora_loss(
 
 @torch.no_grad()
 def sample_grid(
-    teacher: Teacher, unet: torch.nn.Module, prompts: Sequence[str] = PROBE_PROMPTS, seeds: int = 2
+    teacher: Teacher,
+    unet: torch.nn.Module,
+    prompts: Sequence[str] = PROBE_PROMPTS,
+    seeds: int = 2,
+    prediction: str = "epsilon",
 ) -> Image.Image:
     """One-step images, a row per seed and a column per prompt: the quick look at a student."""
     embeds = teacher.encode_prompts([p for _ in range(seeds) for p in prompts])
     z = torch.randn((len(embeds), *teacher.latent_shape), generator=torch.Generator().manual_seed(0))
-    images = teacher.decode(student_x0(unet, z, embeds, teacher.alphas_cumprod[STUDENT_TIMESTEP]))
+    images = teacher.decode(student_x0(unet, z, embeds, teacher.alphas_cumprod[STUDENT_TIMESTEP], prediction))
     images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)
     b, c, h, w = images.shape
     grid = (
@@ -297,7 +322,7 @@ def train_swiftbrush(
 
         abar_999 = teacher.alphas_cumprod[STUDENT_TIMESTEP]
         started, warm_seconds = warm_start(
-            teacher, lambda unet, z, embeds: student_x0(unet, z, embeds, abar_999), cfg.warm_start,
+            teacher, lambda unet, z, embeds: student_x0(unet, z, embeds, abar_999, cfg.prediction), cfg.warm_start,
             run_dir / "warm_start", progress=progress,
         )  # fmt: skip
         student.load_state_dict(started.state_dict())
@@ -341,7 +366,7 @@ def train_swiftbrush(
             save_train_state(run_dir, step + 1, modules, optimizers, config_dict(cfg))
             timer.save()
             (run_dir / "probes").mkdir(exist_ok=True)
-            sample_grid(teacher, ema.module).save(run_dir / "probes" / f"step_{step + 1:05d}.png")
+            sample_grid(teacher, ema.module, prediction=cfg.prediction).save(run_dir / "probes" / f"step_{step + 1:05d}.png")
             with (run_dir / "losses.jsonl").open("a") as f:
                 f.writelines(json.dumps(h) + "\n" for h in history)
             history = []
@@ -358,6 +383,7 @@ def train_swiftbrush(
                                     "train_seconds": round(warm_seconds)}}  # fmt: skip
         config = FlashstepConfig(
             family="swiftbrush",
+            prediction=cfg.prediction,
             default_steps=1,
             allowed_steps=(1,),
             timesteps={"1": [STUDENT_TIMESTEP]},
@@ -374,6 +400,7 @@ def train_swiftbrush(
                 {
                     **origin,
                     "lr": cfg.lr,
+                    "prediction": cfg.prediction,
                     "guidance": kind,
                     "lora_rank": cfg.lora_rank,
                     "lora_updates": cfg.lora_updates,

@@ -94,7 +94,7 @@ def test_swiftbrush_from_an_instaflow_students_start_on_the_command_line(tiny_te
     common = ["--tiny", "--teacher", str(tiny_teacher_dir), "--runs", runs]
     assert flashstep_main(["train", "instaflow", *common, "--out", str(models)]) == 0
     start = ["--start-from", str(models / "shapes-instaflow"), "--start-steps", "3", "--lr", "5e-5"]
-    start += ["--guidance-range", "2", "6"]
+    start += ["--guidance-range", "2", "6", "--prediction", "v_prediction"]
     out = tmp_path / "sb"
     # --steps 0: the take-over alone, exported as a swiftbrush student.
     assert flashstep_main(["train", "swiftbrush", *common, *start, "--steps", "0", "--out", str(out)]) == 0
@@ -102,6 +102,7 @@ def test_swiftbrush_from_an_instaflow_students_start_on_the_command_line(tiny_te
     assert (provenance["steps"], provenance["lr"], provenance["warm_start"]["steps"]) == (0, 5e-5, 3)
     assert provenance["warm_start"]["source"] == "shapes-instaflow"
     assert provenance["guidance"] == "PG-SB kappa ~ U(2.0, 6.0)"
+    assert provenance["prediction"] == FlashstepConfig.load(out / "shapes-swiftbrush").prediction == "v_prediction"
     result = load_engine(str(out / "shapes-swiftbrush")).generate([GenerationRequest(prompt="a blue star", seed=1)])
     assert result.images[0].size == (64, 64)
     with pytest.raises(SystemExit, match="--start-from"):

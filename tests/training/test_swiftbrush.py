@@ -83,6 +83,29 @@ def test_student_x0_is_the_served_one_step_sample():
     assert torch.allclose(student_x0(unet, z, embeds, alphas[999].float()), served.float(), atol=1e-4)
 
 
+def test_a_v_prediction_student_draws_the_sample_the_engine_serves_for_it():
+    """SD-Turbo's parameterisation: x0 = sqrt(abar) z - sqrt(1 - abar) v, with no division by sqrt(abar_999)."""
+    abar = torch.tensor(0.0047)
+    z = torch.tensor([2.0, -1.0]).view(1, 2, 1, 1)
+    v = torch.tensor([1.5, -0.5]).view(1, 2, 1, 1)
+    unet = ConstantEps(v)
+    x0 = student_x0(unet, z, torch.zeros(1, 3, 8), abar, "v_prediction")
+    assert torch.allclose(x0, math.sqrt(0.0047) * z - math.sqrt(1 - 0.0047) * v)
+    # A unit error in the output moves x0 by sqrt(1 - abar) here, by sqrt((1 - abar) / abar) ~ 14.6 as epsilon.
+    moved = student_x0(ConstantEps(v + 1), z, torch.zeros(1, 3, 8), abar, "v_prediction") - x0
+    assert torch.allclose(moved, torch.full_like(moved, -math.sqrt(1 - 0.0047)))
+
+    alphas = torch.linspace(0.999, 0.0047, 1000, dtype=torch.float64)
+    schedule = NoiseSchedule(alphas)
+    embeds = torch.zeros(1, 3, 8)
+    served = sample_swiftbrush(
+        Denoiser(unet, Conditioning(prompt_embeds=embeds), "v_prediction", schedule), z, [999], schedule, []
+    )
+    assert torch.allclose(student_x0(unet, z, embeds, alphas[999].float(), "v_prediction"), served.float(), atol=1e-4)
+    with pytest.raises(ValueError, match="prediction"):
+        SwiftBrushTrainConfig(prediction="sample")
+
+
 def test_pg_sb_draws_a_guidance_scale_per_sample_and_a_fixed_scale_is_an_option():
     gen = torch.Generator().manual_seed(0)
     kappa = guidance_scales(4096, SwiftBrushTrainConfig(guidance_range=(0.5, 4.0)), gen)
@@ -155,6 +178,29 @@ def test_swiftbrush_recipe_trains_resumes_and_exports_a_servable_one_step_folder
     assert pipe.unet.config.in_channels == 4
     # A plain UNet: nothing of the LoRA teacher is exported.
     assert not any("lora" in k for k in pipe.unet.state_dict())
+    assert config.prediction == pipe.scheduler.config.prediction_type == "epsilon"
+
+
+def test_a_v_prediction_student_is_exported_as_one_and_served_as_it_was_trained(tiny_teacher_dir, tmp_path):
+    cfg = replace(TINY, steps=1, prediction="v_prediction")
+    out = tmp_path / "swiftbrush"
+    train_swiftbrush(cfg, tmp_path / "run", out, teacher_dir=tiny_teacher_dir, progress=False)
+    config = FlashstepConfig.load(out)
+    assert config.prediction == config.provenance["prediction"] == "v_prediction"
+    # diffusers reads the prediction type from the scheduler: a vanilla pipeline must read v too.
+    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+    # The engine reads the exported UNet's output as v, as training did.
+    teacher = load_teacher(tiny_teacher_dir)
+    embeds = teacher.encode_prompts(["a red circle"])
+    z = torch.randn((1, *teacher.latent_shape), generator=torch.Generator().manual_seed(3))
+    engine = Engine.load(out)
+    with torch.no_grad():
+        want = student_x0(engine.unet, z, embeds, teacher.alphas_cumprod[999], "v_prediction")
+    model = Denoiser(engine.unet, Conditioning(prompt_embeds=embeds), engine.config.prediction, engine.schedule)
+    served = sample_swiftbrush(model, z, [999], engine.schedule, [])
+    assert torch.allclose(served, want, atol=1e-4)
 
 
 def test_the_lora_teacher_can_take_several_updates_per_student_update(tiny_teacher_dir, tmp_path):
