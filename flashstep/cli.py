@@ -172,21 +172,24 @@ def _train_distilled(args: argparse.Namespace) -> dict:
 
 
 def _swiftbrush_options(cfg, args: argparse.Namespace):
-    """`--lr`, `--guidance-range`, `--lora-warmup`, `--prediction` and SwiftBrush v2's start (`--start-from FOLDER`, `--start-steps N`) on the swiftbrush recipe."""
+    """`--lr`, `--guidance-range`, `--lora-warmup`, `--prediction`, `--anchor-weight` and SwiftBrush v2's start (`--start-from FOLDER`, `--start-steps N`) on the swiftbrush recipe."""
     from training.warm_start import WarmStartConfig
 
     range_ = tuple(args.guidance_range) if args.guidance_range else None
-    given = {"lr": args.lr, "guidance_range": range_, "lora_warmup": args.lora_warmup, "prediction": args.prediction}
-    cfg = dataclasses.replace(cfg, **{field: value for field, value in given.items() if value})
+    given = {"lr": args.lr, "guidance_range": range_, "lora_warmup": args.lora_warmup, "prediction": args.prediction,
+             "anchor_weight": args.anchor_weight}  # fmt: skip
+    given = {field: value for field, value in given.items() if value}
     if args.start_from is not None:
         start = WarmStartConfig(source=str(args.start_from))
         if args.tiny:
             start = dataclasses.replace(start, steps=2, batch_size=2, save_every=1)
-        start = dataclasses.replace(start, steps=args.start_steps or start.steps)
-        cfg = dataclasses.replace(cfg, warm_start=start)
+        given["warm_start"] = dataclasses.replace(start, steps=args.start_steps or start.steps)
     elif args.start_steps:
         raise SystemExit("--start-steps needs --start-from FOLDER: the one-step student to start from")
-    return cfg
+    try:
+        return dataclasses.replace(cfg, **given)
+    except ValueError as err:  # e.g. --anchor-weight without --start-from
+        raise SystemExit(f"flashstep train swiftbrush: {err}") from err
 
 
 def _refinement_paths(args: argparse.Namespace, runs: Path, shipped_name: str) -> tuple[Path, Path]:
@@ -338,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--guidance-range", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="swiftbrush: PG-SB's range for the guidance scale both teachers use, kappa ~ U(LO, HI) (default 0.5 2)")
     t.add_argument("--lora-warmup", type=int, default=None, help="swiftbrush: the first N of --steps train only the LoRA teacher, on the starting student's samples (default 0)")
     t.add_argument("--prediction", choices=["epsilon", "v_prediction"], default=None, help="swiftbrush: what the student's UNet outputs at t = 999 (default epsilon, SwiftBrush's; v_prediction, SD-Turbo's, conditions its one step ~15x better)")
+    t.add_argument("--anchor-weight", type=float, default=None, help="swiftbrush with --start-from: DMD's regression loss at this weight beside VSD, MSE to the --start-from model's one-step sample on the same noise (default 0: off)")
     t.add_argument("--start-from", type=Path, default=None, help="swiftbrush: start the student from this one-step instaflow student (SwiftBrush v2), taken over by regression on fresh noise, instead of from the teacher")
     t.add_argument("--start-steps", type=int, default=None, help="swiftbrush with --start-from: steps of that regression (default 1,500)")
     t.add_argument("--colour-weight", type=float, default=None, help="instaflow-refine: weight of the perceptual loss's pooled-colour term (default 0: judge features only)")

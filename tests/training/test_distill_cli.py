@@ -107,6 +107,8 @@ def test_swiftbrush_from_an_instaflow_students_start_on_the_command_line(tiny_te
     assert result.images[0].size == (64, 64)
     with pytest.raises(SystemExit, match="--start-from"):
         flashstep_main(["train", "swiftbrush", *common, "--start-steps", "3", "--out", str(out)])
+    with pytest.raises(SystemExit, match="anchor_weight needs warm_start"):
+        flashstep_main(["train", "swiftbrush", *common, "--anchor-weight", "0.25", "--out", str(out)])
 
 
 def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tmp_path):

@@ -90,3 +90,36 @@ def test_swiftbrush_from_a_warm_start_exports_the_take_over_with_its_provenance(
     assert result.unet_evals == 1
     served = load_teacher(out).unet.state_dict()
     assert all(torch.equal(served[k], v.half().float()) for k, v in taken_over.state_dict().items())  # stored fp16
+
+
+def test_the_anchor_is_the_mse_to_the_sources_sample_from_the_students_own_noise(tiny_teacher_dir, instaflow_dir):
+    """DMD's regression loss beside VSD: the same z feeds the student and the source."""
+    from training.swiftbrush import lora_teacher, student_vsd
+
+    teacher = load_teacher(tiny_teacher_dir)
+    source = load_source(instaflow_dir, teacher)
+    cfg = SwiftBrushTrainConfig(batch_size=2, lora_rank=4, anchor_weight=0.5,
+                                warm_start=WarmStartConfig(source=str(instaflow_dir)))  # fmt: skip
+    guide = lora_teacher(teacher, cfg.lora_rank, cfg.lora_targets)
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn((2, *teacher.latent_shape), generator=torch.Generator().manual_seed(7))  # student_vsd's first draw
+    losses, batch = student_vsd(teacher, teacher.unet, guide, PROMPTS[:2], cfg, gen, source)
+    with torch.no_grad():
+        want = F.mse_loss(_x0(teacher)(teacher.unet, z, batch.embeds), one_step(source, z, batch.embeds))
+    assert set(losses) == {"vsd", "anchor"}
+    assert torch.allclose(losses["anchor"], want)
+    without, _ = student_vsd(teacher, teacher.unet, guide, PROMPTS[:2], cfg, torch.Generator().manual_seed(7))
+    assert set(without) == {"vsd"}
+    with pytest.raises(ValueError, match="anchor_weight needs warm_start"):
+        SwiftBrushTrainConfig(anchor_weight=0.5)
+
+
+def test_an_anchored_vsd_run_logs_both_losses_and_records_its_weight(tiny_teacher_dir, instaflow_dir, tmp_path):
+    start = WarmStartConfig(source=str(instaflow_dir), steps=1, batch_size=2, save_every=1, warmup=1)
+    cfg = SwiftBrushTrainConfig(steps=2, batch_size=2, lora_rank=4, save_every=2, warmup=1, anchor_weight=0.5,
+                                warm_start=start)  # fmt: skip
+    out = tmp_path / "swiftbrush"
+    train_swiftbrush(cfg, tmp_path / "run", out, teacher_dir=tiny_teacher_dir, progress=False)
+    losses = [line for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all('"anchor"' in line and '"vsd"' in line for line in losses)
+    assert FlashstepConfig.load(out).provenance["anchor_weight"] == 0.5
