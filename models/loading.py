@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from models.errors import CheckpointError, UnknownFamilyError
-from models.families import FAMILY_SPECS
+from models.families import FAMILY_SPECS, FLOW_FAMILIES
 from models.flashstep_config import CONFIG_NAME, FlashstepConfig
+from models.schedule import FLOW_NOISE_TIMESTEP
 
 PIECES = {
     "unet": "the denoising UNet",
@@ -190,10 +191,16 @@ def check_config(config: FlashstepConfig) -> FlashstepConfig:
     """Family-specific facts flashstep.json must respect."""
     if config.family == "swiftbrush" and config.allowed_steps != (1,):
         raise CheckpointError(f"swiftbrush is one-step: `allowed_steps` must be [1] but is {list(config.allowed_steps)}")
-    if (config.family == "instaflow") != (config.prediction == "flow"):
+    if config.family == "instaflow" and config.prediction != "flow":
+        raise CheckpointError(f"family instaflow predicts a velocity: `prediction` must be 'flow' but is {config.prediction!r}")
+    if config.prediction == "flow" and config.family not in FLOW_FAMILIES:
         raise CheckpointError(
-            f"`prediction` 'flow' belongs to family instaflow only, but family is {config.family!r} "
-            f"and prediction {config.prediction!r}"
+            f"`prediction` 'flow' belongs to families {list(FLOW_FAMILIES)} only, but family is {config.family!r}"
+        )
+    if config.prediction == "flow" and config.family == "swiftbrush" and config.conditioning_timestep != FLOW_NOISE_TIMESTEP:
+        raise CheckpointError(
+            f"a flow swiftbrush student starts from pure noise at t = {FLOW_NOISE_TIMESTEP}: "
+            f"`conditioning_timestep` must be {FLOW_NOISE_TIMESTEP} but is {config.conditioning_timestep}"
         )
     if not 0.0 <= config.nasa_alpha <= 1.0:
         raise CheckpointError(f"`nasa_alpha` must be in [0, 1] but is {config.nasa_alpha}")

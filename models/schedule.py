@@ -120,6 +120,10 @@ def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[
     return [int(t) for t in ts]
 
 
+# Where a rectified-flow UNet sees pure noise: its timestep is (1 - t) * 1000 on x_t = t x + (1 - t) z.
+FLOW_NOISE_TIMESTEP = 1000
+
+
 def rectified_flow_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[float]:
     """InstaFlow's Euler grid: [(1 - i/N) * 1000 for i in range(N)], noise at 1000."""
     return [(1.0 - i / num_steps) * num_train_timesteps for i in range(num_steps)]

@@ -95,6 +95,10 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
 }
 assert set(FAMILY_SPECS) == set(FAMILIES)
 
+# Families whose UNet may predict a rectified-flow velocity: instaflow always, swiftbrush when its
+# student started from an instaflow student's weights (SwiftBrush v2 starts from a one-step model).
+FLOW_FAMILIES = ("instaflow", "swiftbrush")
+
 
 def family_spec(family: str) -> FamilySpec:
     """The spec of `family`, or UnknownFamilyError listing the known families."""

@@ -137,9 +137,10 @@ def hypersd(hypersd_unet_dir, models_root):
 class TinyModel:
     """A sampler's `model(x, t)` backed by a tiny seeded UNet and fixed text states; records its calls."""
 
-    def __init__(self, unet: torch.nn.Module, batch: int, prediction_scale: float = 1.0) -> None:
+    def __init__(self, unet: torch.nn.Module, batch: int, prediction_scale: float = 1.0, prediction: str = "epsilon") -> None:
         torch.manual_seed(3)
         self.unet = unet
+        self.prediction = prediction  # what the output is, as a Denoiser says
         self.context = torch.randn(batch, 32, unet.config.cross_attention_dim)  # (B, L, C)
         self.scale = prediction_scale
         self.calls: list[tuple[torch.Tensor, float]] = []

@@ -105,6 +105,21 @@ def test_swiftbrush_must_be_one_step(copy_of):
         Engine.load(folder)
 
 
+def test_a_flow_velocity_belongs_to_instaflow_and_to_swiftbrush_students_at_the_noise_end(copy_of):
+    folder = copy_of()
+    FlashstepConfig(family="swiftbrush", prediction="flow", conditioning_timestep=1000, resolution=64).save(folder)
+    assert Engine.load(folder).config.prediction == "flow"
+    FlashstepConfig(family="swiftbrush", prediction="flow", conditioning_timestep=999, resolution=64).save(folder)
+    with pytest.raises(CheckpointError, match="`conditioning_timestep` must be 1000 but is 999"):
+        Engine.load(folder)
+    FlashstepConfig(family="teacher", prediction="flow", default_steps=25, allowed_steps=(25,), resolution=64).save(folder)
+    with pytest.raises(CheckpointError, match="'flow' belongs to families \\['instaflow', 'swiftbrush'\\] only"):
+        Engine.load(folder)
+    FlashstepConfig(family="instaflow", prediction="epsilon", resolution=64).save(folder)
+    with pytest.raises(CheckpointError, match="`prediction` must be 'flow'"):
+        Engine.load(folder)
+
+
 def test_fp16_weights_are_upcast_on_cpu(copy_of):
     from diffusers import UNet2DConditionModel
 

@@ -141,6 +141,19 @@ def test_swiftbrush_is_one_eps_to_x0_step(tiny_unet, schedule, t_cond):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
 
 
+def test_a_flow_swiftbrush_student_takes_the_flows_one_euler_step_from_pure_noise(tiny_unet, schedule):
+    """A student started from an instaflow student's weights keeps its map: x0 = z + v(z, 1000)."""
+    z = start_noise()
+    model = TinyModel(tiny_unet, batch=2, prediction="flow")
+    out = sample_swiftbrush(model, z, [1000], schedule, cpu_generators(SEEDS))
+
+    v = TinyModel(tiny_unet, batch=2)(z, 1000)
+    assert len(model.calls) == 1 and model.calls[0][1] == 1000
+    torch.testing.assert_close(out, z + v, rtol=0, atol=1e-5)
+    # The same UNet read as epsilon at 999 draws something else entirely.
+    assert not torch.allclose(out, sample_swiftbrush(TinyModel(tiny_unet, batch=2), z, [999], schedule, []), atol=0.1)
+
+
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_rectified_flow_euler_loop(tiny_unet, schedule, steps):
     z = start_noise()
