@@ -184,6 +184,9 @@ def _swiftbrush_options(cfg, args: argparse.Namespace):
         if args.tiny:
             start = dataclasses.replace(start, steps=2, batch_size=2, save_every=1)
         given["warm_start"] = dataclasses.replace(start, steps=args.start_steps or start.steps)
+        if args.prediction == "flow" and args.start_steps:
+            raise SystemExit("--start-steps sets a take-over regression, but a --prediction flow student starts "
+                             "from the --start-from weights as they are")  # fmt: skip
     elif args.start_steps:
         raise SystemExit("--start-steps needs --start-from FOLDER: the one-step student to start from")
     try:
@@ -340,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="instaflow-refine, swiftbrush: the student's peak learning rate (defaults 1e-4, 3e-4)")
     t.add_argument("--guidance-range", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="swiftbrush: PG-SB's range for the guidance scale both teachers use, kappa ~ U(LO, HI) (default 0.5 2)")
     t.add_argument("--lora-warmup", type=int, default=None, help="swiftbrush: the first N of --steps train only the LoRA teacher, on the starting student's samples (default 0)")
-    t.add_argument("--prediction", choices=["epsilon", "v_prediction"], default=None, help="swiftbrush: what the student's UNet outputs at t = 999 (default epsilon, SwiftBrush's; v_prediction, SD-Turbo's, conditions its one step ~15x better)")
+    t.add_argument("--prediction", choices=["epsilon", "v_prediction", "flow"], default=None, help="swiftbrush: what the student's UNet outputs from pure noise (default epsilon, SwiftBrush's; v_prediction, SD-Turbo's, conditions its one step ~15x better; flow, the rectified-flow velocity at t = 1000: with --start-from, the student starts from that instaflow student's weights, no take-over)")
     t.add_argument("--anchor-weight", type=float, default=None, help="swiftbrush with --start-from: DMD's regression loss at this weight beside VSD, MSE to the --start-from model's one-step sample on the same noise (default 0: off)")
     t.add_argument("--start-from", type=Path, default=None, help="swiftbrush: start the student from this one-step instaflow student (SwiftBrush v2), taken over by regression on fresh noise, instead of from the teacher")
     t.add_argument("--start-steps", type=int, default=None, help="swiftbrush with --start-from: steps of that regression (default 1,500)")

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from models.denoiser import Conditioning, Denoiser
 from models.families.teacher import sample_dpmpp_2m
 from models.flashstep_config import FlashstepConfig
-from models.schedule import NoiseSchedule, linspace_timesteps
+from models.schedule import FLOW_NOISE_TIMESTEP, NoiseSchedule, linspace_timesteps
 from training.checkpointing import EMA, config_dict, load_train_state, save_train_state
 from training.distill import (
     DEFAULT_TEACHER,
@@ -59,7 +59,7 @@ from training.distribution_matching import DistributionMatching, DistributionMat
 from training.export import git_commit
 from training.judge import Judge
 
-NOISE_TIMESTEP = 1000.0
+NOISE_TIMESTEP = float(FLOW_NOISE_TIMESTEP)
 
 
 @dataclass(frozen=True)

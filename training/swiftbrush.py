@@ -26,7 +26,8 @@ Exported as `shapes-swiftbrush` (family swiftbrush, one step, no CFG).
 
 With `warm_start` (`--start-from FOLDER`), the student starts as a stronger one-step model instead
 of the teacher, as SwiftBrush v2 starts from SD-Turbo: training/warm_start.py takes that model's map
-over into this parameterisation before the first VSD step.
+over into this parameterisation before the first VSD step. With `--prediction flow` the student
+shares that model's parameterisation, so it starts from its weights as they are instead.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from models.flashstep_config import FlashstepConfig
+from models.schedule import FLOW_NOISE_TIMESTEP
 from training.checkpointing import EMA, config_dict, load_train_state, save_train_state
 from training.distill import (
     DEFAULT_TEACHER,
@@ -69,11 +71,19 @@ if TYPE_CHECKING:  # warm_start imports instaflow, which imports this module's L
 
 STUDENT_TIMESTEP = 999
 
-# The student's output, both of which the engine serves and diffusers' schedulers know. At t = 999,
-# sqrt(abar) = 0.068: an epsilon student's x0 is (z - 0.998 eps) / 0.068, so every error in eps
-# reaches the image ~15x larger, and under Adam every update moves x0 ~15x further than the same
-# step in a v student, whose x0 = 0.068 z - 0.998 v is as well conditioned as its output.
-STUDENT_PREDICTIONS = ("epsilon", "v_prediction")
+# The student's output, all of which the engine serves. At t = 999, sqrt(abar) = 0.068: an epsilon
+# student's x0 is (z - 0.998 eps) / 0.068, so every error in eps reaches the image ~15x larger, and
+# under Adam every update moves x0 ~15x further than the same step in a v student, whose
+# x0 = 0.068 z - 0.998 v is as well conditioned as its output. A flow student predicts the
+# rectified-flow velocity at the noise end, x0 = z + v(z, 1000): the instaflow student's own
+# parameterisation, so it can start from that student's weights as they are (SwiftBrush v2 starts
+# from SD-Turbo's weights), with no take-over regression and nothing of the source's map lost.
+STUDENT_PREDICTIONS = ("epsilon", "v_prediction", "flow")
+
+
+def student_timestep(prediction: str) -> int:
+    """The timestep the student's UNet sees with pure noise: 1000 on the flow path, else 999."""
+    return FLOW_NOISE_TIMESTEP if prediction == "flow" else STUDENT_TIMESTEP
 
 # Every linear layer of the transformer blocks (attention, feed-forward, projections in and out)
 # plus the ResNets' time-embedding projections, so the LoRA teacher has capacity beyond attention
@@ -139,6 +149,8 @@ class SwiftBrushTrainConfig:
     anchor_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.prediction == "flow" and self.warm_start is None:
+            raise ValueError("prediction 'flow' needs warm_start: a flow student starts from an instaflow student's weights")
         if self.anchor_weight and self.warm_start is None:
             raise ValueError("anchor_weight needs warm_start: the anchor is the warm start's source model")
         if self.prediction not in STUDENT_PREDICTIONS:
@@ -160,10 +172,13 @@ def student_x0(
     """The one-step sample from pure noise z (B, C, h, w), as the engine's `swiftbrush` sampler draws it.
 
     epsilon: x0 = (z - sqrt(1 - abar_999) eps(z, 999)) / sqrt(abar_999);
-    v_prediction: x0 = sqrt(abar_999) z - sqrt(1 - abar_999) v(z, 999).
+    v_prediction: x0 = sqrt(abar_999) z - sqrt(1 - abar_999) v(z, 999);
+    flow: x0 = z + v(z, 1000), the rectified flow's one Euler step (abar_999 unused).
     """
-    t = torch.full((z.shape[0],), float(STUDENT_TIMESTEP))
+    t = torch.full((z.shape[0],), float(student_timestep(prediction)))
     out = unet_eps(unet, z, t, embeds)
+    if prediction == "flow":
+        return z + out
     if prediction == "v_prediction":
         return abar_999.sqrt() * z - (1 - abar_999).sqrt() * out
     return (z - (1 - abar_999).sqrt() * out) / abar_999.sqrt()
@@ -328,11 +343,16 @@ def train_swiftbrush(
 ) -> dict:
     """Train (resuming from `run_dir`), write a probe grid at every save, export the EMA student. Returns a report."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(teacher_dir)
     student = student_unet(teacher)
     warm_seconds = 0.0
-    if cfg.warm_start is not None:
+    if cfg.prediction == "flow":
+        from training.warm_start import load_source
+
+        student.load_state_dict(load_source(cfg.warm_start.source, teacher).state_dict())
+    elif cfg.warm_start is not None:
         from training.warm_start import warm_start
 
         abar_999 = teacher.alphas_cumprod[STUDENT_TIMESTEP]
@@ -399,7 +419,9 @@ def train_swiftbrush(
     if export_dir is not None:
         kind = f"fixed {cfg.guidance}" if cfg.guidance is not None else f"PG-SB kappa ~ U{cfg.guidance_range}"
         origin = {"start": "the teacher"}
-        if cfg.warm_start is not None:
+        if cfg.prediction == "flow":
+            origin = {"start": f"{Path(cfg.warm_start.source).name}'s weights, the same flow parameterisation (SwiftBrush v2)"}
+        elif cfg.warm_start is not None:
             origin = {"start": f"{Path(cfg.warm_start.source).name}, taken over by regression (SwiftBrush v2)",
                      "warm_start": {**config_dict(cfg.warm_start), "source": Path(cfg.warm_start.source).name,
                                     "train_seconds": round(warm_seconds)}}  # fmt: skip
@@ -408,8 +430,8 @@ def train_swiftbrush(
             prediction=cfg.prediction,
             default_steps=1,
             allowed_steps=(1,),
-            timesteps={"1": [STUDENT_TIMESTEP]},
-            conditioning_timestep=STUDENT_TIMESTEP,
+            timesteps={"1": [student_timestep(cfg.prediction)]},
+            conditioning_timestep=student_timestep(cfg.prediction),
             default_guidance_scale=0.0,
             nasa_alpha=0.1,
             resolution=teacher.config.resolution,

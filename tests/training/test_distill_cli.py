@@ -110,6 +110,16 @@ def test_swiftbrush_from_an_instaflow_students_start_on_the_command_line(tiny_te
     with pytest.raises(SystemExit, match="anchor_weight needs warm_start"):
         flashstep_main(["train", "swiftbrush", *common, "--anchor-weight", "0.25", "--out", str(out)])
 
+    # --prediction flow: the student starts from the instaflow student's weights, with no take-over to size.
+    flow = ["--start-from", str(models / "shapes-instaflow"), "--prediction", "flow", "--anchor-weight", "0.25"]
+    assert flashstep_main(["train", "swiftbrush", *common, *flow, "--steps", "1", "--out", str(tmp_path / "fl")]) == 0
+    config = FlashstepConfig.load(tmp_path / "fl" / "shapes-swiftbrush")
+    assert (config.prediction, config.conditioning_timestep, config.provenance["steps"]) == ("flow", 1000, 1)
+    with pytest.raises(SystemExit, match="starts from the --start-from weights as they are"):
+        flashstep_main(["train", "swiftbrush", *common, *flow, "--start-steps", "3", "--out", str(out)])
+    with pytest.raises(SystemExit, match="prediction 'flow' needs warm_start"):
+        flashstep_main(["train", "swiftbrush", *common, "--prediction", "flow", "--out", str(out)])
+
 
 def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tmp_path):
     runs, models = str(tmp_path / "runs"), tmp_path / "models"

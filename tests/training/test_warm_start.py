@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.denoiser import Conditioning, Denoiser
 from models.engine import Engine
+from models.families.swiftbrush import sample_swiftbrush
 from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
 from training.architecture import ShapesArch
@@ -123,3 +125,36 @@ def test_an_anchored_vsd_run_logs_both_losses_and_records_its_weight(tiny_teache
     losses = [line for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all('"anchor"' in line and '"vsd"' in line for line in losses)
     assert FlashstepConfig.load(out).provenance["anchor_weight"] == 0.5
+
+
+def test_a_flow_student_starts_from_the_sources_weights_and_is_served_with_its_map(tiny_teacher_dir, instaflow_dir, tmp_path):
+    """SwiftBrush v2 starts from SD-Turbo's weights: with the source's own parameterisation, no regression."""
+    start = WarmStartConfig(source=str(instaflow_dir))  # its take-over steps are not used
+    cfg = SwiftBrushTrainConfig(steps=0, batch_size=2, lora_rank=4, prediction="flow", anchor_weight=0.25, warm_start=start)
+    out = tmp_path / "swiftbrush"
+    report = train_swiftbrush(cfg, tmp_path / "run", out, teacher_dir=tiny_teacher_dir, progress=False)
+    assert report["warm_start_seconds"] == 0 and not (tmp_path / "run" / "warm_start").exists()
+
+    config = FlashstepConfig.load(out)
+    assert (config.family, config.prediction, config.conditioning_timestep) == ("swiftbrush", "flow", 1000)
+    assert config.provenance["start"].startswith("tiny-instaflow's weights")
+
+    teacher = load_teacher(tiny_teacher_dir)
+    source = load_source(instaflow_dir, teacher)
+    engine = Engine.load(out)
+    embeds = teacher.encode_prompts(PROMPTS[:2])
+    z = torch.randn((2, *teacher.latent_shape), generator=torch.Generator().manual_seed(3))
+    model = Denoiser(engine.unet, Conditioning(prompt_embeds=embeds), engine.config.prediction, engine.schedule)
+    with torch.no_grad():
+        served = sample_swiftbrush(model, z, [config.conditioning_timestep], engine.schedule, [])
+        trained = student_x0(engine.unet, z, embeds, teacher.alphas_cumprod[STUDENT_TIMESTEP], "flow")
+        want = one_step(source, z, embeds)
+    assert torch.allclose(served, trained, atol=1e-4)
+    assert torch.allclose(served, want, atol=2e-2)  # the source's map, up to the fp16 export
+    result = engine.generate([GenerationRequest(prompt="a red circle", seed=3, num_inference_steps=1)])
+    assert result.unet_evals == 1
+
+
+def test_a_flow_student_needs_a_source_to_start_from():
+    with pytest.raises(ValueError, match="prediction 'flow' needs warm_start"):
+        SwiftBrushTrainConfig(prediction="flow")
