@@ -242,6 +242,10 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
         cfg = dataclasses.replace(cfg, steps=2, latents=8, batch_size=2, save_every=1)
     if args.steps:
         cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.one_step_timestep is not None:
+        if not 1 <= args.one_step_timestep <= 999:
+            raise SystemExit(f"--one-step-timestep must be in [1, 999] but is {args.one_step_timestep}")
+        cfg = dataclasses.replace(cfg, one_step_timestep=args.one_step_timestep)
     weight = args.dmd_weight or cfg.matching.weight
     cfg = dataclasses.replace(cfg, matching=_matching(dataclasses.replace(cfg.matching, weight=weight), cfg.steps))
     return refine_hypersd(cfg, runs / "hypersd-refine", args.student, out, teacher_dir=teacher)
@@ -347,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--anchor-weight", type=float, default=None, help="swiftbrush with --start-from: DMD's regression loss at this weight beside VSD, MSE to the --start-from model's one-step sample on the same noise (default 0: off)")
     t.add_argument("--start-from", type=Path, default=None, help="swiftbrush: start the student from this one-step instaflow student (SwiftBrush v2), taken over by regression on fresh noise, instead of from the teacher")
     t.add_argument("--start-steps", type=int, default=None, help="swiftbrush with --start-from: steps of that regression (default 1,500)")
+    t.add_argument("--one-step-timestep", type=int, default=None, help="hypersd-refine: the timestep the 1-step sample feeds pure noise at, in training and in the export (default: the student's, 999 from the recipe; Hyper-SD's SDXL one-step UNet uses 800)")
     t.add_argument("--colour-weight", type=float, default=None, help="instaflow-refine: weight of the perceptual loss's pooled-colour term (default 0: judge features only)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -271,8 +271,12 @@ def export_hypersd(
     teacher: Teacher,
     cfg: HyperSDTrainConfig,
     provenance: dict,
+    one_step_timestep: int = 999,
 ) -> Path:
-    """Write `folder` with only flashstep.json and the diffusers/PEFT LoRA file (`unet.`-prefixed keys)."""
+    """Write `folder` with only flashstep.json and the diffusers/PEFT LoRA file (`unet.`-prefixed keys).
+
+    Every step count samples on the trailing timesteps but one step, which starts at `one_step_timestep`.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # fp16 on disk halves the file (the shipped set must stay under 40 MB); loaders upcast on CPU.
@@ -291,7 +295,7 @@ def export_hypersd(
         family="hypersd",
         default_steps=cfg.default_steps,
         allowed_steps=SERVED_STEPS,
-        timesteps={str(n): trailing_timesteps(n) for n in SERVED_STEPS},
+        timesteps={**{str(n): trailing_timesteps(n) for n in SERVED_STEPS}, "1": [one_step_timestep]},
         default_guidance_scale=0.0,
         eta=cfg.eta,
         base=base_reference(teacher.folder, folder),
@@ -387,6 +391,12 @@ class HyperSDRefineConfig:
     """
 
     steps: int = 1500
+    # The timestep the 1-step sample feeds pure noise at; None keeps the student's (its flashstep.json).
+    # Hyper-SD serves its SDXL one-step UNet at 800, not 999 (its model card: `timesteps=[800]`): x0 =
+    # (z - sqrt(1 - abar) eps) / sqrt(abar) divides by sqrt(abar_800) = 0.21 there instead of
+    # sqrt(abar_999) = 0.068, so an error in eps reaches the image 3x less amplified. The shipped LoRA,
+    # trained at 999, drew 0.490 seen adherence there and 0.596 at 800 before any training at 800.
+    one_step_timestep: int | None = None
     latents: int = HyperSDTrainConfig.latents  # the recipe's real scenes (the same seed, so its cache is reused)
     batch_size: int = 32
     lr: float = 2e-4  # a fifth of TSCD's: the LoRA is trained already
@@ -396,9 +406,11 @@ class HyperSDRefineConfig:
     seed: int = 9500
 
 
-def one_step_sample(unet: torch.nn.Module, z: torch.Tensor, embeds: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """The served 1-step TCD sample: eps at 999, then the DDIM jump to timestep 0."""
-    t = torch.full((z.shape[0],), 999, dtype=torch.long)
+def one_step_sample(
+    unet: torch.nn.Module, z: torch.Tensor, embeds: torch.Tensor, alphas_cumprod: torch.Tensor, timestep: int = 999
+) -> torch.Tensor:
+    """The served 1-step TCD sample from pure noise z fed at `timestep`: eps there, then the DDIM jump to 0."""
+    t = torch.full((z.shape[0],), timestep, dtype=torch.long)
     return ddim_jump(z, unet_eps(unet, z, t, embeds), alphas_cumprod[t], alphas_cumprod[0].expand(z.shape[0]))
 
 
@@ -432,6 +444,7 @@ def refine_hypersd(
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(teacher_dir)
     unet, base = load_lora_student(teacher, student_dir)
+    one_step_t = cfg.one_step_timestep or int(student_cfg.timesteps.get("1", [999])[0])
     latents, labels = training_latents(teacher, cfg.latents, base.seed, run_dir / "latents", progress)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -452,7 +465,7 @@ def refine_hypersd(
         cond = teacher.encode_prompts(captions_for_labels(labels[idx], rng, base.cond_dropout))
         real = latents[idx]
         loss = tscd_loss(unet, teacher.unet, teacher.alphas_cumprod, real, cond, uncond, 1, base, gen)
-        x = one_step_sample(unet, torch.randn(real.shape, generator=gen), cond, teacher.alphas_cumprod)
+        x = one_step_sample(unet, torch.randn(real.shape, generator=gen), cond, teacher.alphas_cumprod, one_step_t)
         if step >= cfg.matching.fake_warmup:
             loss = loss + cfg.matching.weight * matching.loss(x, cond, gen)
         matching.fit(x, cond, gen)
@@ -464,10 +477,12 @@ def refine_hypersd(
 
     provenance = dict(student_cfg.provenance)
     leg = {"student": student_dir.name, "steps": cfg.steps, "lr": cfg.lr, "recipe": "k=1 TSCD + DMD on 1-step samples",
+           "one_step_timestep": one_step_t,
            "distribution_matching": config_dict(cfg.matching), "train_seconds": round(timer.seconds),
            "commit": git_commit()}  # fmt: skip
     provenance["refinements"] = [*provenance.get("refinements", []), leg]
-    export_hypersd(export_dir, unet, teacher, replace(base, default_steps=student_cfg.default_steps, eta=student_cfg.eta), provenance)
+    base = replace(base, default_steps=student_cfg.default_steps, eta=student_cfg.eta)
+    export_hypersd(export_dir, unet, teacher, base, provenance, one_step_timestep=one_step_t)
     report = {"refine_seconds": round(timer.seconds), "config": config_dict(cfg)}
     (run_dir / "refine_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

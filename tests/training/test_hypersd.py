@@ -153,10 +153,16 @@ def test_the_one_step_sample_refinement_trains_is_the_served_one_step_tcd_sample
     alphas = torch.linspace(0.999, 0.0047, 1000, dtype=torch.float64)
     schedule = NoiseSchedule(alphas)
     z, embeds = torch.tensor([2.0, -1.0]).view(1, 2, 1, 1), torch.zeros(1, 3, 8)
-    served = sample_tcd(
-        Denoiser(ConstantEps(), Conditioning(prompt_embeds=embeds), "epsilon", schedule), z, [999], schedule, []
-    )
+    model = Denoiser(ConstantEps(), Conditioning(prompt_embeds=embeds), "epsilon", schedule)
+    served = sample_tcd(model, z, [999], schedule, [])
     assert torch.allclose(one_step_sample(ConstantEps(), z, embeds, alphas.float()), served.float(), atol=1e-4)
+    # Pure noise fed at 800 (Hyper-SD's one-step timestep): x0 = (z - sqrt(1 - abar_800) eps) / sqrt(abar_800),
+    # then the jump to timestep 0.
+    at_800 = one_step_sample(ConstantEps(), z, embeds, alphas.float(), timestep=800)
+    assert torch.allclose(at_800, served_800 := sample_tcd(model, z, [800], schedule, []).float(), atol=1e-4)
+    abar, abar_0 = alphas[800].float(), alphas[0].float()
+    x0 = (z - (1 - abar).sqrt() * 0.3) / abar.sqrt()
+    assert torch.allclose(served_800, abar_0.sqrt() * x0 + (1 - abar_0).sqrt() * 0.3, atol=1e-4)
 
 
 def test_score_distillation_refines_an_exported_lora_and_records_the_leg(tiny_teacher_dir, tmp_path):
@@ -184,11 +190,35 @@ def test_score_distillation_refines_an_exported_lora_and_records_the_leg(tiny_te
     assert dataclasses.replace(config, provenance={}) == dataclasses.replace(old, provenance={})
     (leg,) = config.provenance["refinements"]
     assert (leg["student"], leg["steps"], leg["distribution_matching"]["fake_warmup"]) == ("shapes-hypersd", 2, 1)
+    assert leg["one_step_timestep"] == 999  # the student's own, from its flashstep.json
     for steps in (1, 2):
         result = Engine.load(tmp_path / "refined").generate(
             [GenerationRequest(prompt="a red circle", seed=3, num_inference_steps=steps)]
         )
         assert result.unet_evals == steps and result.images[0].size == (64, 64)
+
+
+def test_a_refinement_can_move_the_one_step_timestep_and_the_export_serves_one_step_there(tiny_teacher_dir, tmp_path):
+    student = tmp_path / "shapes-hypersd"
+    train_hypersd(TINY, tmp_path / "run", student, teacher_dir=tiny_teacher_dir, progress=False)
+    cfg = HyperSDRefineConfig(steps=1, latents=8, batch_size=2, save_every=1, one_step_timestep=800,
+                              matching=DistributionMatchingConfig(fake_warmup=1, lora_rank=4))  # fmt: skip
+    refine_hypersd(cfg, tmp_path / "refine", student, tmp_path / "refined", teacher_dir=tiny_teacher_dir, progress=False)
+    config = FlashstepConfig.load(tmp_path / "refined")
+    assert config.timesteps["1"] == [800] and config.timesteps["2"] == FlashstepConfig.load(student).timesteps["2"]
+    assert config.provenance["refinements"][-1]["one_step_timestep"] == 800
+
+    engine = Engine.load(tmp_path / "refined")
+    calls = []
+    engine.unet.register_forward_pre_hook(lambda module, args: calls.append(float(args[1].flatten()[0])))
+    engine.generate([GenerationRequest(prompt="a red circle", seed=3, num_inference_steps=1)])
+    assert calls == [800.0]
+
+    # A further leg keeps the timestep the student was exported with.
+    again = dataclasses.replace(cfg, one_step_timestep=None)
+    refine_hypersd(again, tmp_path / "refine2", tmp_path / "refined", tmp_path / "refined2", teacher_dir=tiny_teacher_dir,
+                   progress=False)  # fmt: skip
+    assert FlashstepConfig.load(tmp_path / "refined2").timesteps["1"] == [800]
 
 
 def test_only_a_hypersd_lora_folder_can_be_refined(tiny_teacher_dir, tmp_path):
