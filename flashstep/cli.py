@@ -201,7 +201,7 @@ def _refinement_paths(args: argparse.Namespace, runs: Path, shipped_name: str) -
 
     if args.student is None:
         raise SystemExit(f"`flashstep train {args.stage}` needs --student FOLDER: the exported {shipped_name} to refine")
-    out = args.out or runs / args.stage / shipped_name
+    out = args.out or runs / args.stage / Path(args.student).name
     return Path(out), Path(args.teacher or SHIPPED_MODELS_DIR / "shapes-teacher")
 
 
@@ -211,7 +211,8 @@ def _matching(dm, steps: int):
 
 
 def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
-    """Continue an exported one-step instaflow student's distillation (`--student`); export to `--out`."""
+    """Continue an exported instaflow student (`--student`): a one-step one's distillation, a 2-rectified
+    flow's reflow; export to `--out`."""
     from training.distribution_matching import DistributionMatchingConfig
     from training.instaflow import REFINE_DEFAULTS, InstaFlowTrainConfig, refine_instaflow
 
@@ -220,7 +221,7 @@ def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
     if args.tiny:
         cfg = dataclasses.replace(cfg, **{**DISTILL_STAGES["instaflow"][4], "perceptual_steps": 2})
     if args.steps:
-        cfg = dataclasses.replace(cfg, distill_steps=args.steps, perceptual_steps=args.steps)
+        cfg = dataclasses.replace(cfg, distill_steps=args.steps, perceptual_steps=args.steps, reflow_steps=args.steps)
     given = {
         "pairs": args.pairs, "pair_start": args.pairs_from, "colour_weight": args.colour_weight, "lr": args.lr,
         "bf16": args.bf16,
@@ -339,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--runs", default=str(DEFAULT_RUNS), help="folder for resumable training state")
     t.add_argument("--out", type=Path, default=None, help="export folder; for distillation recipes the models folder their exports go in (default: the shipped one)")
-    t.add_argument("--student", type=Path, default=None, help="instaflow-refine / hypersd-refine: the exported student to refine (its export goes to --out, default RUNS/<stage>/<its shipped name>)")
+    t.add_argument("--student", type=Path, default=None, help="instaflow-refine / hypersd-refine: the exported student to refine, for instaflow-refine a one-step student (more distillation) or a 2-rectified flow (more reflow); its export goes to --out, default RUNS/<stage>/<its folder name>")
     t.add_argument("--dmd-weight", type=float, default=None, help="instaflow-refine: add DMD distribution matching (real score: the teacher with CFG; fake score: a LoRA on the student's samples) at this weight beside the L2 regression; hypersd-refine: the weight of its DMD term (default 1)")
     t.add_argument("--pairs", type=int, default=None, help="instaflow-refine: teacher ODE pairs to train on (default 12,288; the first ones are the recipe's, missing ones are generated)")
     t.add_argument("--pairs-from", type=int, default=None, help="instaflow-refine: index of the first pair (a multiple of 128): pairs are seeded by index, so a leg can train on pairs earlier legs never saw (default 0)")

@@ -93,7 +93,7 @@ class InstaFlowTrainConfig:
 
 
 # Refinement of an exported student: twice the recipe's pairs, half its learning rate, a short warmup.
-REFINE_DEFAULTS = dict(pairs=12288, distill_steps=2400, perceptual_steps=2400, lr=1e-4, warmup=50)
+REFINE_DEFAULTS = dict(pairs=12288, distill_steps=2400, perceptual_steps=2400, reflow_steps=2400, lr=1e-4, warmup=50)
 
 
 # ----- stage 1: teacher ODE pairs -----
@@ -178,6 +178,13 @@ def reflow_target(z: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple[to
     """
     tt = t.view(-1, 1, 1, 1)
     return tt * x + (1 - tt) * z, (1 - t) * NOISE_TIMESTEP, x - z
+
+
+def reflow_loss(unet, z: torch.Tensor, x: torch.Tensor, embeds: torch.Tensor, step: int, gen: torch.Generator) -> torch.Tensor:
+    """The 2-rectified flow's loss: velocity MSE at a uniform t on the straight line from z to its pair x."""
+    t = torch.rand(z.shape[0], generator=gen)
+    xt, timestep, target = reflow_target(z, x, t)
+    return F.mse_loss(unet(xt, timestep, encoder_hidden_states=embeds).sample, target)
 
 
 def one_step(unet: torch.nn.Module, z: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
@@ -306,12 +313,6 @@ def train_instaflow(
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(teacher_dir)
     pairs, pairs_seconds = _pairs(teacher, cfg, run_dir / "pairs", progress)
-
-    def reflow_loss(unet, z, x, embeds, step, gen):
-        t = torch.rand(z.shape[0], generator=gen)
-        xt, timestep, target = reflow_target(z, x, t)
-        return F.mse_loss(unet(xt, timestep, encoder_hidden_states=embeds).sample, target)
-
     rf2, reflow_seconds = _train_stage(
         "reflow", teacher, student_unet(teacher), pairs, cfg, cfg.reflow_steps, run_dir / "reflow", reflow_loss, progress
     )
@@ -370,6 +371,14 @@ def train_instaflow(
     return report
 
 
+def instaflow_student_config(folder: Path) -> FlashstepConfig:
+    """The config of an instaflow student (one-step, or a multi-step rectified flow); others are refused."""
+    config = FlashstepConfig.load(folder)
+    if config.family != "instaflow":
+        raise ValueError(f"{folder} is not an instaflow student (family {config.family})")
+    return config
+
+
 def one_step_student_config(folder: Path) -> FlashstepConfig:
     """The config of a one-step instaflow student; any other folder is refused with what it is."""
     config = FlashstepConfig.load(folder)
@@ -380,7 +389,7 @@ def one_step_student_config(folder: Path) -> FlashstepConfig:
 
 
 def load_one_step_student(folder: Path, teacher: Teacher) -> torch.nn.Module:
-    """A trainable float32 copy of the UNet in `folder` (checked by `one_step_student_config`)."""
+    """A trainable float32 copy of the UNet in `folder` (checked by `instaflow_student_config`)."""
     from diffusers import UNet2DConditionModel
 
     unet = student_unet(teacher)
@@ -392,20 +401,25 @@ def refine_instaflow(
     cfg: InstaFlowTrainConfig,
     run_dir: str | Path,
     student_dir: str | Path,
-    export_one_step: str | Path,
+    export_dir: str | Path,
     teacher_dir: str | Path = DEFAULT_TEACHER,
     judge: Judge | None = None,
     progress: bool = True,
 ) -> dict:
-    """Continue distilling the one-step student in `student_dir` for `cfg.distill_steps` steps.
+    """Continue the instaflow student in `student_dir` on teacher pairs; export it with the leg recorded.
 
-    Pairs are generated (or reused) in run_dir/pairs; the loss is L2 plus the judge perceptual
-    loss from step `distill_steps - perceptual_steps` on. The export keeps the student's config
-    and appends this run to its provenance's `refinements`.
+    A one-step student continues its distillation for `cfg.distill_steps` steps: L2 plus the judge
+    perceptual loss from step `distill_steps - perceptual_steps` on (and DMD with
+    `distribution_matching`). A multi-step student (the 2-rectified flow) continues its reflow for
+    `cfg.reflow_steps` steps. Pairs are generated (or reused) in run_dir/pairs. The export keeps the
+    student's config and appends this run to its provenance's `refinements`.
     """
     run_dir = Path(run_dir)
     student_dir = Path(student_dir)
-    student_cfg = one_step_student_config(student_dir)  # before the pairs: a wrong folder fails at once
+    student_cfg = instaflow_student_config(student_dir)  # before the pairs: a wrong folder fails at once
+    is_one_step = student_cfg.allowed_steps == (1,)
+    if not is_one_step and cfg.distribution_matching is not None:
+        raise ValueError(f"{student_dir} is a multi-step rectified flow: DMD acts on one-step samples only")
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(teacher_dir)
     pairs, pairs_seconds = _pairs(teacher, cfg, run_dir / "pairs", progress)
@@ -413,25 +427,28 @@ def refine_instaflow(
     init = load_one_step_student(student_dir, teacher)
     dm = cfg.distribution_matching
     matching = DistributionMatching(teacher, dm) if dm is not None else None
-    distill_loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load(), cfg.colour_weight), matching)
-
-    one, seconds = _train_stage(
-        "refine", teacher, init, pairs, cfg, cfg.distill_steps, run_dir / "refine", distill_loss, progress,
-        matching.state() if matching is not None else ({}, {}),
-    )  # fmt: skip
+    if is_one_step:
+        loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load(), cfg.colour_weight), matching)
+        steps, extra = cfg.distill_steps, matching.state() if matching is not None else ({}, {})
+    else:
+        loss, steps, extra = reflow_loss, cfg.reflow_steps, ({}, {})
+    refined, seconds = _train_stage("refine", teacher, init, pairs, cfg, steps, run_dir / "refine", loss, progress, extra)
     provenance = dict(student_cfg.provenance)
     leg = {
-        "student": student_dir.name, "steps": cfg.distill_steps, "pairs": cfg.pairs, "pair_start": cfg.pair_start,
+        "student": student_dir.name, "steps": steps, "pairs": cfg.pairs, "pair_start": cfg.pair_start,
         "bf16": cfg.bf16, "lr": cfg.lr,
-        "perceptual_steps": cfg.perceptual_steps, "colour_weight": cfg.colour_weight,
         "train_seconds": round(pairs_seconds + seconds),
         "commit": git_commit(),
     }  # fmt: skip
+    if is_one_step:
+        leg.update(perceptual_steps=cfg.perceptual_steps, colour_weight=cfg.colour_weight)
+    else:
+        leg["recipe"] = "reflow"
     if dm is not None:
         leg["distribution_matching"] = config_dict(dm)
     provenance["refinements"] = [*provenance.get("refinements", []), leg]
     config = replace(student_cfg, provenance=provenance)
-    export_student(export_one_step, teacher, one, config)
+    export_student(export_dir, teacher, refined, config)
     report = {"pairs_seconds": round(pairs_seconds), "refine_seconds": round(seconds), "config": config_dict(cfg)}
     (run_dir / "refine_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

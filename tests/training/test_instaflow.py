@@ -12,6 +12,7 @@ from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
 from tests.training.conftest import INSTAFLOW_TINY as TINY
 from training.distill import load_teacher
+from training.distribution_matching import DistributionMatchingConfig
 from training.instaflow import (
     JudgePerceptual,
     generate_pairs,
@@ -125,8 +126,42 @@ def test_refining_a_one_step_student_continues_its_training_and_records_each_leg
     assert result.unet_evals == 1 and result.images[0].size == (64, 64)
 
 
-def test_only_a_one_step_instaflow_student_can_be_refined(tiny_teacher_dir, random_judge, tmp_path):
-    with pytest.raises(ValueError, match="not a one-step instaflow student"):
+def test_refining_a_2_rectified_flow_continues_its_reflow_on_the_pairs(tiny_teacher_dir, random_judge, tmp_path):
+    train_instaflow(TINY, tmp_path / "run", tmp_path / "2rf", None, teacher_dir=tiny_teacher_dir, judge=random_judge, progress=False)
+    refine = replace(TINY, pairs=8, reflow_steps=60, lr=3e-3, warmup=1, ema_decay=0.0, batch_size=8)
+    refine_instaflow(refine, tmp_path / "refine", tmp_path / "2rf", tmp_path / "refined", teacher_dir=tiny_teacher_dir,
+                     judge=random_judge, progress=False)  # fmt: skip
+
+    before, after = FlashstepConfig.load(tmp_path / "2rf"), FlashstepConfig.load(tmp_path / "refined")
+    assert replace(after, provenance={}) == replace(before, provenance={})  # still served at 2 to 8 steps
+    (leg,) = after.provenance["refinements"]
+    assert (leg["recipe"], leg["steps"], leg["pairs"]) == ("reflow", 60, 8)
+    assert "perceptual_steps" not in leg
+
+    # The leg fitted the velocity of the straight lines between its pairs' ends.
+    teacher = load_teacher(tiny_teacher_dir)
+    z, x, captions = load_pairs(tmp_path / "refine" / "pairs")
+    embeds = teacher.encode_prompts(captions)
+    t = torch.linspace(0.05, 0.95, len(z))
+    xt, timestep, target = reflow_target(z, x, t)
+
+    def velocity_error(folder) -> float:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet").float()
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(unet(xt, timestep, encoder_hidden_states=embeds).sample, target).item()
+
+    assert velocity_error(tmp_path / "refined") < 0.8 * velocity_error(tmp_path / "2rf")
+    result = Engine.load(tmp_path / "refined").generate([GenerationRequest(prompt="a red circle", seed=3, num_inference_steps=2)])
+    assert result.unet_evals == 2
+
+    with pytest.raises(ValueError, match="multi-step rectified flow: DMD acts on one-step samples only"):
+        refine_instaflow(replace(refine, distribution_matching=DistributionMatchingConfig()), tmp_path / "dmd",
+                         tmp_path / "2rf", tmp_path / "out", teacher_dir=tiny_teacher_dir, judge=random_judge,
+                         progress=False)  # fmt: skip
+
+
+def test_only_an_instaflow_student_can_be_refined(tiny_teacher_dir, random_judge, tmp_path):
+    with pytest.raises(ValueError, match="not an instaflow student \\(family teacher\\)"):
         refine_instaflow(TINY, tmp_path / "run", tiny_teacher_dir, tmp_path / "out", teacher_dir=tiny_teacher_dir,
                          judge=random_judge, progress=False)  # fmt: skip
 
