@@ -83,6 +83,12 @@ def test_refine_an_instaflow_student_from_the_command_line(tiny_teacher_dir, tmp
     result = load_engine(str(refined)).generate([GenerationRequest(prompt="a blue star", seed=1)])
     assert result.images[0].size == (64, 64)
 
+    # The 2-rectified flow continues its reflow; with no --out its export is named after the student.
+    argv = ["train", "instaflow-refine", *common, "--steps", "2", "--student", str(models / "shapes-2rf")]
+    assert flashstep_main(argv) == 0
+    leg = FlashstepConfig.load(tmp_path / "runs" / "instaflow-refine" / "shapes-2rf").provenance["refinements"][0]
+    assert (leg["recipe"], leg["steps"]) == ("reflow", 2)
+
 
 def test_refining_instaflow_needs_the_student_to_refine(tmp_path):
     with pytest.raises(SystemExit, match="--student"):
