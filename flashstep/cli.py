@@ -235,7 +235,7 @@ def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
 
 def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
     """Hyper-SD's score-distillation stage on an exported hypersd LoRA (`--student`); export to `--out`."""
-    from training.hypersd import HyperSDRefineConfig, refine_hypersd
+    from training.hypersd import HyperSDRefineConfig, PairRegressionConfig, refine_hypersd
 
     out, teacher = _refinement_paths(args, runs, "shapes-hypersd")
     cfg = HyperSDRefineConfig()
@@ -243,6 +243,12 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
         cfg = dataclasses.replace(cfg, steps=2, latents=8, batch_size=2, save_every=1)
     if args.steps:
         cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.pairs or args.regression_weight:
+        reg = PairRegressionConfig(bf16=args.bf16)
+        if args.tiny:
+            reg = dataclasses.replace(reg, pairs=4, pair_start=0)
+        given = {"pairs": args.pairs, "pair_start": args.pairs_from, "weight": args.regression_weight}
+        cfg = dataclasses.replace(cfg, regression=dataclasses.replace(reg, **{k: v for k, v in given.items() if v}))
     if args.one_step_timestep is not None:
         if not 1 <= args.one_step_timestep <= 999:
             raise SystemExit(f"--one-step-timestep must be in [1, 999] but is {args.one_step_timestep}")
@@ -342,9 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, default=None, help="export folder; for distillation recipes the models folder their exports go in (default: the shipped one)")
     t.add_argument("--student", type=Path, default=None, help="instaflow-refine / hypersd-refine: the exported student to refine, for instaflow-refine a one-step student (more distillation) or a 2-rectified flow (more reflow); its export goes to --out, default RUNS/<stage>/<its folder name>")
     t.add_argument("--dmd-weight", type=float, default=None, help="instaflow-refine: add DMD distribution matching (real score: the teacher with CFG; fake score: a LoRA on the student's samples) at this weight beside the L2 regression; hypersd-refine: the weight of its DMD term (default 1)")
-    t.add_argument("--pairs", type=int, default=None, help="instaflow-refine: teacher ODE pairs to train on (default 12,288; the first ones are the recipe's, missing ones are generated)")
-    t.add_argument("--pairs-from", type=int, default=None, help="instaflow-refine: index of the first pair (a multiple of 128): pairs are seeded by index, so a leg can train on pairs earlier legs never saw (default 0)")
-    t.add_argument("--bf16", action="store_true", help="instaflow-refine: teacher pairs and the student's forward passes under bfloat16 autocast (2.0x and 1.4x faster on the 2-core CPU)")
+    t.add_argument("--pairs", type=int, default=None, help="instaflow-refine, hypersd-refine: teacher ODE pairs to train on (default 12,288; the first ones are the recipe's, missing ones are generated); for hypersd-refine, turns on the regression term")
+    t.add_argument("--pairs-from", type=int, default=None, help="instaflow-refine, hypersd-refine: index of the first pair (a multiple of 128): pairs are seeded by index, so a leg can train on pairs earlier legs never saw (default 0)")
+    t.add_argument("--bf16", action="store_true", help="instaflow-refine (hypersd-refine: the pairs only): teacher pairs and the student's forward passes under bfloat16 autocast (2.0x and 1.4x faster on the 2-core CPU)")
     t.add_argument("--lr", type=float, default=None, help="instaflow-refine, swiftbrush: the student's peak learning rate (defaults 1e-4, 3e-4)")
     t.add_argument("--guidance-range", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="swiftbrush: PG-SB's range for the guidance scale both teachers use, kappa ~ U(LO, HI) (default 0.5 2)")
     t.add_argument("--lora-warmup", type=int, default=None, help="swiftbrush: the first N of --steps train only the LoRA teacher, on the starting student's samples (default 0)")
@@ -353,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--start-from", type=Path, default=None, help="swiftbrush: start the student from this one-step instaflow student (SwiftBrush v2), taken over by regression on fresh noise, instead of from the teacher")
     t.add_argument("--start-steps", type=int, default=None, help="swiftbrush with --start-from: steps of that regression (default 1,500)")
     t.add_argument("--one-step-timestep", type=int, default=None, help="hypersd-refine: the timestep the 1-step sample feeds pure noise at, in training and in the export (default: the student's, 999 from the recipe; Hyper-SD's SDXL one-step UNet uses 800)")
+    t.add_argument("--regression-weight", type=float, default=None, help="hypersd-refine: DMD's regression loss on teacher ODE pairs (latent MSE + judge-feature perceptual) at this weight (default 0.25 when --pairs is given; --pairs / --pairs-from / --bf16 choose and make the pairs as for instaflow-refine)")
     t.add_argument("--colour-weight", type=float, default=None, help="instaflow-refine: weight of the perceptual loss's pooled-colour term (default 0: judge features only)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")

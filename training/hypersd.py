@@ -76,6 +76,8 @@ from training.distill import (
 )
 from training.distribution_matching import DistributionMatching, DistributionMatchingConfig
 from training.export import git_commit
+from training.instaflow import InstaFlowTrainConfig, JudgePerceptual, generate_pairs, load_pairs
+from training.judge import Judge
 from training.swiftbrush import lora_weights
 from training.teacher import captions_for_labels, encode_latents
 
@@ -383,6 +385,23 @@ def train_hypersd(
 
 
 @dataclass(frozen=True)
+class PairRegressionConfig:
+    """DMD's regression loss (Yin et al. 2023, arXiv:2311.18828, Sec. 3.3) on the 1-step sample.
+
+    Teacher ODE pairs (noise z and the guided teacher's DPM-Solver++ endpoint from it: the pairs
+    instaflow trains on, generated the same way and seeded by index) tie the 1-step map to the
+    teacher's own: latent MSE plus the judge-feature perceptual loss, which stands in for DMD's LPIPS.
+    DMD weighs it 0.25 against distribution matching's 1.
+    """
+
+    pairs: int = 12288
+    pair_start: int = 0
+    bf16: bool = False  # the pairs' teacher runs under bfloat16 autocast (2.0x faster on the 2-core CPU)
+    weight: float = 0.25
+    perceptual_weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class HyperSDRefineConfig:
     """Hyper-SD's third stage on an exported LoRA: DMD on the 1-step samples, the k = 1 TSCD loss beside it.
 
@@ -397,6 +416,7 @@ class HyperSDRefineConfig:
     # sqrt(abar_999) = 0.068, so an error in eps reaches the image 3x less amplified. The shipped LoRA,
     # trained at 999, drew 0.490 seen adherence there and 0.596 at 800 before any training at 800.
     one_step_timestep: int | None = None
+    regression: PairRegressionConfig | None = None  # None: no regression term
     latents: int = HyperSDTrainConfig.latents  # the recipe's real scenes (the same seed, so its cache is reused)
     batch_size: int = 32
     lr: float = 2e-4  # a fifth of TSCD's: the LoRA is trained already
@@ -428,15 +448,39 @@ def load_lora_student(teacher: Teacher, folder: Path) -> tuple[UNet2DConditionMo
     return unet, cfg
 
 
+class PairRegression:
+    """The regression term of `PairRegressionConfig`: its pairs (generated where missing) and its loss."""
+
+    def __init__(self, teacher: Teacher, cfg: PairRegressionConfig, folder: Path, judge: Judge | None, progress: bool) -> None:
+        pair_cfg = InstaFlowTrainConfig(pairs=cfg.pairs, pair_start=cfg.pair_start, bf16=cfg.bf16)
+        timer = Timer(folder)
+        generate_pairs(teacher, pair_cfg, folder, progress=progress)
+        timer.save()
+        self.seconds = timer.seconds
+        self.z, self.x, self.captions = load_pairs(folder, pair_cfg)
+        self.teacher, self.cfg = teacher, cfg
+        self.perceptual = JudgePerceptual(teacher, judge or Judge.load())
+
+    def loss(self, unet: torch.nn.Module, timestep: int, rng: np.random.Generator, batch_size: int = 32) -> torch.Tensor:
+        """Weighted latent MSE + perceptual distance between the 1-step samples of a pair batch's z and its x."""
+        idx = rng.integers(0, len(self.z), min(batch_size, len(self.z)))
+        embeds = self.teacher.encode_prompts([self.captions[i] for i in idx])
+        pred = one_step_sample(unet, self.z[idx], embeds, self.teacher.alphas_cumprod, timestep)
+        target = self.x[idx]
+        return self.cfg.weight * (F.mse_loss(pred, target) + self.cfg.perceptual_weight * self.perceptual(pred, target))
+
+
 def refine_hypersd(
     cfg: HyperSDRefineConfig,
     run_dir: str | Path,
     student_dir: str | Path,
     export_dir: str | Path,
     teacher_dir: str | Path = DEFAULT_TEACHER,
+    judge: Judge | None = None,
     progress: bool = True,
 ) -> dict:
-    """Continue an exported hypersd LoRA with k = 1 TSCD + DMD on its 1-step samples; export with the leg recorded."""
+    """Continue an exported hypersd LoRA with k = 1 TSCD + DMD on its 1-step samples (and with `cfg.regression`,
+    DMD's regression on teacher ODE pairs); export with the leg recorded."""
     run_dir, student_dir = Path(run_dir), Path(student_dir)
     student_cfg = FlashstepConfig.load(student_dir)
     if student_cfg.family != "hypersd" or student_cfg.lora is None:
@@ -446,6 +490,7 @@ def refine_hypersd(
     unet, base = load_lora_student(teacher, student_dir)
     one_step_t = cfg.one_step_timestep or int(student_cfg.timesteps.get("1", [999])[0])
     latents, labels = training_latents(teacher, cfg.latents, base.seed, run_dir / "latents", progress)
+    regression = PairRegression(teacher, cfg.regression, run_dir / "pairs", judge, progress) if cfg.regression else None
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     matching = DistributionMatching(teacher, cfg.matching)
@@ -468,6 +513,8 @@ def refine_hypersd(
         x = one_step_sample(unet, torch.randn(real.shape, generator=gen), cond, teacher.alphas_cumprod, one_step_t)
         if step >= cfg.matching.fake_warmup:
             loss = loss + cfg.matching.weight * matching.loss(x, cond, gen)
+        if regression is not None:
+            loss = loss + regression.loss(unet, one_step_t, rng, cfg.batch_size)
         matching.fit(x, cond, gen)
         optimizer_step(opt, loss, params)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
@@ -480,6 +527,8 @@ def refine_hypersd(
            "one_step_timestep": one_step_t,
            "distribution_matching": config_dict(cfg.matching), "train_seconds": round(timer.seconds),
            "commit": git_commit()}  # fmt: skip
+    if regression is not None:
+        leg["regression"] = {**config_dict(cfg.regression), "pairs_seconds": round(regression.seconds)}
     provenance["refinements"] = [*provenance.get("refinements", []), leg]
     base = replace(base, default_steps=student_cfg.default_steps, eta=student_cfg.eta)
     export_hypersd(export_dir, unet, teacher, base, provenance, one_step_timestep=one_step_t)

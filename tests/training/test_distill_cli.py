@@ -137,8 +137,10 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tmp_path)
     leg = FlashstepConfig.load(refined).provenance["refinements"][0]
     assert (leg["steps"], leg["distribution_matching"]["weight"]) == (2, 2.0)
     at_800 = tmp_path / "at800"
-    assert flashstep_main([*argv, "--one-step-timestep", "800", "--out", str(at_800)]) == 0
+    assert flashstep_main([*argv, "--one-step-timestep", "800", "--regression-weight", "1", "--out", str(at_800)]) == 0
     assert FlashstepConfig.load(at_800).timesteps["1"] == [800]
+    regression = FlashstepConfig.load(at_800).provenance["refinements"][-1]["regression"]
+    assert (regression["pairs"], regression["weight"]) == (4, 1.0)
     with pytest.raises(SystemExit, match="--one-step-timestep must be in \\[1, 999\\] but is 1000"):
         flashstep_main([*argv, "--one-step-timestep", "1000", "--out", str(at_800)])
     result = load_engine(str(refined)).generate([GenerationRequest(prompt="a blue star", seed=1, num_inference_steps=1)])

@@ -3,8 +3,10 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -20,6 +22,8 @@ from training.hypersd import (
     LORA_WEIGHT_NAME,
     HyperSDRefineConfig,
     HyperSDTrainConfig,
+    PairRegression,
+    PairRegressionConfig,
     base_reference,
     ddim_jump,
     load_lora_student,
@@ -219,6 +223,38 @@ def test_a_refinement_can_move_the_one_step_timestep_and_the_export_serves_one_s
     refine_hypersd(again, tmp_path / "refine2", tmp_path / "refined", tmp_path / "refined2", teacher_dir=tiny_teacher_dir,
                    progress=False)  # fmt: skip
     assert FlashstepConfig.load(tmp_path / "refined2").timesteps["1"] == [800]
+
+
+def test_the_regression_term_is_dmds_mse_from_a_pairs_noise_to_the_teachers_endpoint(tiny_teacher_dir, random_judge, tmp_path):
+    teacher = load_teacher(tiny_teacher_dir)
+    cfg = PairRegressionConfig(pairs=4, weight=0.5, perceptual_weight=0.0)
+    regression = PairRegression(teacher, cfg, tmp_path / "pairs", random_judge, progress=False)
+    assert regression.z.shape == regression.x.shape == (4, *teacher.latent_shape)
+    assert not torch.allclose(regression.z, regression.x)  # the teacher's ODE moved each noise to a latent
+
+    unet = teacher.unet
+    idx = np.random.default_rng(3).integers(0, 4, 2)
+    embeds = teacher.encode_prompts([regression.captions[i] for i in idx])
+    with torch.no_grad():
+        pred = one_step_sample(unet, regression.z[idx], embeds, teacher.alphas_cumprod, 800)
+        want = 0.5 * F.mse_loss(pred, regression.x[idx])
+        got = regression.loss(unet, 800, np.random.default_rng(3), batch_size=2)
+    assert torch.allclose(got, want)
+    with_perceptual = PairRegression(teacher, dataclasses.replace(cfg, perceptual_weight=1.0), tmp_path / "pairs", random_judge, False)
+    with torch.no_grad():
+        assert with_perceptual.loss(unet, 800, np.random.default_rng(3), batch_size=2) > got
+
+
+def test_a_refinement_with_regression_records_its_pairs(tiny_teacher_dir, random_judge, tmp_path):
+    student = tmp_path / "shapes-hypersd"
+    train_hypersd(TINY, tmp_path / "run", student, teacher_dir=tiny_teacher_dir, progress=False)
+    cfg = HyperSDRefineConfig(steps=2, latents=8, batch_size=2, save_every=1, regression=PairRegressionConfig(pairs=4),
+                              matching=DistributionMatchingConfig(fake_warmup=1, lora_rank=4))  # fmt: skip
+    refine_hypersd(cfg, tmp_path / "refine", student, tmp_path / "refined", teacher_dir=tiny_teacher_dir,
+                   judge=random_judge, progress=False)  # fmt: skip
+    leg = FlashstepConfig.load(tmp_path / "refined").provenance["refinements"][-1]
+    assert (leg["regression"]["pairs"], leg["regression"]["weight"]) == (4, 0.25)
+    assert (tmp_path / "refine" / "pairs" / "pairs_0000.safetensors").is_file()
 
 
 def test_only_a_hypersd_lora_folder_can_be_refined(tiny_teacher_dir, tmp_path):
