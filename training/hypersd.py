@@ -35,7 +35,9 @@ guidance 0.
 `refine_hypersd` (`flashstep train hypersd-refine --student FOLDER`) is the paper's score
 distillation for one step (Sec. 3.3, DMD): an exported LoRA keeps training on the k = 1 TSCD
 loss while `training.distribution_matching` pulls its 1-step samples onto the guided teacher's
-distribution. The human-feedback stage (Sec. 3.2) is left out: it needs reward models.
+distribution. With `regression`, DMD's own regression loss on teacher ODE pairs joins them, and
+`one_step_timestep` moves where the 1-step sample feeds pure noise (Hyper-SD's one-step UNet: 800).
+The human-feedback stage (Sec. 3.2) is left out: it needs reward models.
 """
 
 from __future__ import annotations
