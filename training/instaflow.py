@@ -388,7 +388,7 @@ def one_step_student_config(folder: Path) -> FlashstepConfig:
     return config
 
 
-def load_one_step_student(folder: Path, teacher: Teacher) -> torch.nn.Module:
+def load_instaflow_unet(folder: Path, teacher: Teacher) -> torch.nn.Module:
     """A trainable float32 copy of the UNet in `folder` (checked by `instaflow_student_config`)."""
     from diffusers import UNet2DConditionModel
 
@@ -424,7 +424,7 @@ def refine_instaflow(
     teacher = load_teacher(teacher_dir)
     pairs, pairs_seconds = _pairs(teacher, cfg, run_dir / "pairs", progress)
 
-    init = load_one_step_student(student_dir, teacher)
+    init = load_instaflow_unet(student_dir, teacher)
     dm = cfg.distribution_matching
     matching = DistributionMatching(teacher, dm) if dm is not None else None
     if is_one_step:

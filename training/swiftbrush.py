@@ -348,10 +348,14 @@ def train_swiftbrush(
     teacher = load_teacher(teacher_dir)
     student = student_unet(teacher)
     warm_seconds = 0.0
-    if cfg.prediction == "flow":
+    # The warm start's source, loaded once: the flow student's starting weights and the anchor's target.
+    source = None
+    if cfg.prediction == "flow" or cfg.anchor_weight:
         from training.warm_start import load_source
 
-        student.load_state_dict(load_source(cfg.warm_start.source, teacher).state_dict())
+        source = load_source(cfg.warm_start.source, teacher)
+    if cfg.prediction == "flow":
+        student.load_state_dict(source.state_dict())
     elif cfg.warm_start is not None:
         from training.warm_start import warm_start
 
@@ -362,11 +366,7 @@ def train_swiftbrush(
         )  # fmt: skip
         student.load_state_dict(started.state_dict())
     guide = lora_teacher(teacher, cfg.lora_rank, cfg.lora_targets)
-    source = None
-    if cfg.anchor_weight:
-        from training.warm_start import load_source
-
-        source = load_source(cfg.warm_start.source, teacher)
+    anchor = source if cfg.anchor_weight else None
     ema = EMA(student, cfg.ema_decay)
     lora_params = [p for p in guide.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -391,11 +391,11 @@ def train_swiftbrush(
     for step in bar:
         set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
         set_lr(lora_opt, lr_at(step, cfg.steps, cfg.lora_lr, cfg.warmup))
-        losses, batch = student_vsd(teacher, student, guide, prompts.draw(cfg.batch_size), cfg, gen, source)
+        losses, batch = student_vsd(teacher, student, guide, prompts.draw(cfg.batch_size), cfg, gen, anchor)
         check_finite(step, **losses)
         vsd = losses["vsd"]
         if step >= cfg.lora_warmup:
-            loss = vsd + cfg.anchor_weight * losses["anchor"] if source is not None else vsd
+            loss = vsd + cfg.anchor_weight * losses["anchor"] if anchor is not None else vsd
             optimizer_step(opt, loss, list(student.parameters()), cfg.grad_clip)
         for _ in range(cfg.lora_updates):  # the same samples, fresh t and noise each time
             lora = lora_loss(teacher, guide, batch, cfg, gen, rng)

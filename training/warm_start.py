@@ -36,7 +36,7 @@ from training.distill import (
     set_lr,
     student_unet,
 )
-from training.instaflow import JudgePerceptual, load_one_step_student, one_step, one_step_student_config
+from training.instaflow import JudgePerceptual, load_instaflow_unet, one_step, one_step_student_config
 from training.judge import Judge
 
 
@@ -56,7 +56,7 @@ class WarmStartConfig:
 def load_source(folder: str | Path, teacher: Teacher) -> torch.nn.Module:
     """The one-step instaflow student whose map the swiftbrush student takes over, frozen."""
     one_step_student_config(Path(folder))
-    return load_one_step_student(Path(folder), teacher).eval().requires_grad_(False)
+    return load_instaflow_unet(Path(folder), teacher).eval().requires_grad_(False)
 
 
 def warm_start(
