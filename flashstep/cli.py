@@ -253,6 +253,10 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
         if not 1 <= args.one_step_timestep <= 999:
             raise SystemExit(f"--one-step-timestep must be in [1, 999] but is {args.one_step_timestep}")
         cfg = dataclasses.replace(cfg, one_step_timestep=args.one_step_timestep)
+    if args.rank is not None:
+        if args.rank < 1:
+            raise SystemExit(f"--rank must be a positive integer but is {args.rank}")
+        cfg = dataclasses.replace(cfg, rank=args.rank)
     weight = args.dmd_weight or cfg.matching.weight
     cfg = dataclasses.replace(cfg, matching=_matching(dataclasses.replace(cfg.matching, weight=weight), cfg.steps))
     return refine_hypersd(cfg, runs / "hypersd-refine", args.student, out, teacher_dir=teacher)
@@ -359,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--start-from", type=Path, default=None, help="swiftbrush: start the student from this one-step instaflow student (SwiftBrush v2), taken over by regression on fresh noise, instead of from the teacher")
     t.add_argument("--start-steps", type=int, default=None, help="swiftbrush with --start-from: steps of that regression (default 1,500)")
     t.add_argument("--one-step-timestep", type=int, default=None, help="hypersd-refine: the timestep the 1-step sample feeds pure noise at, in training and in the export (default: the student's, 999 from the recipe; Hyper-SD's SDXL one-step UNet uses 800)")
+    t.add_argument("--rank", type=int, default=None, help="hypersd-refine: widen the student's LoRA to this rank before training (the stored update kept exactly; default: its own rank)")
     t.add_argument("--regression-weight", type=float, default=None, help="hypersd-refine: DMD's regression loss on teacher ODE pairs (latent MSE + judge-feature perceptual) at this weight (default 0.25 when --pairs is given; --pairs / --pairs-from / --bf16 choose and make the pairs as for instaflow-refine)")
     t.add_argument("--colour-weight", type=float, default=None, help="instaflow-refine: weight of the perceptual loss's pooled-colour term (default 0: judge features only)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")

@@ -419,6 +419,7 @@ class HyperSDRefineConfig:
     # trained at 999, drew 0.490 seen adherence there and 0.596 at 800 before any training at 800.
     one_step_timestep: int | None = None
     regression: PairRegressionConfig | None = None  # None: no regression term
+    rank: int | None = None  # widen the student's LoRA to this rank first (None keeps its own)
     latents: int = HyperSDTrainConfig.latents  # the recipe's real scenes (the same seed, so its cache is reused)
     batch_size: int = 32
     lr: float = 2e-4  # a fifth of TSCD's: the LoRA is trained already
@@ -436,18 +437,46 @@ def one_step_sample(
     return ddim_jump(z, unet_eps(unet, z, t, embeds), alphas_cumprod[t], alphas_cumprod[0].expand(z.shape[0]))
 
 
-def load_lora_student(teacher: Teacher, folder: Path) -> tuple[UNet2DConditionModel, HyperSDTrainConfig]:
+def load_lora_student(
+    teacher: Teacher, folder: Path, rank: int | None = None
+) -> tuple[UNet2DConditionModel, HyperSDTrainConfig]:
     """`lora_student` with an exported hypersd folder's LoRA loaded (trainable), and the recipe config
-    with that LoRA's rank and target modules, read from the file's adapter metadata."""
+    with that LoRA's rank and target modules, read from the file's adapter metadata.
+
+    A `rank` above the file's widens the LoRA without changing what it computes: the stored A rows and
+    B columns fill the leading slices, the new B columns are zero (the new A rows keep their random
+    init, so the added directions start learning at once). alpha = rank keeps the scale at 1 either way.
+    """
     with safe_open(str(folder / LORA_WEIGHT_NAME), framework="pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
         state = {k.removeprefix("unet."): f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118
-    cfg = replace(HyperSDTrainConfig(), rank=meta["unet.r"], lora_targets=tuple(meta["unet.target_modules"]))
+    stored = int(meta["unet.r"])
+    rank = stored if rank is None else rank
+    if rank < stored:
+        raise ValueError(f"`rank` {rank} would narrow {folder}'s rank-{stored} LoRA; a refinement can only widen it")
+    cfg = replace(HyperSDTrainConfig(), rank=rank, lora_targets=tuple(meta["unet.target_modules"]))
     unet = lora_student(teacher, cfg)
+    if rank > stored:
+        state = _widened(state, get_peft_model_state_dict(unet))
     result = set_peft_model_state_dict(unet, state)
     if result.unexpected_keys:
         raise ValueError(f"{folder} holds LoRA weights this student has no module for: {result.unexpected_keys[:3]}")
     return unet, cfg
+
+
+def _widened(stored: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`fresh` (a wider LoRA's initial state) with `stored` in the leading rank slices: A is (r, in, ...),
+    B is (out, r, ...), and the fresh B is zero, so B @ A is the stored update exactly."""
+    out = {}
+    for key, value in fresh.items():
+        old = stored[key]
+        new = value.detach().clone()
+        if "lora_A" in key:
+            new[: old.shape[0]] = old
+        else:
+            new[:, : old.shape[1]] = old
+        out[key] = new
+    return out
 
 
 class PairRegression:
@@ -489,7 +518,7 @@ def refine_hypersd(
         raise ValueError(f"{student_dir} is not a hypersd LoRA folder (family {student_cfg.family})")
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(teacher_dir)
-    unet, base = load_lora_student(teacher, student_dir)
+    unet, base = load_lora_student(teacher, student_dir, cfg.rank)
     one_step_t = cfg.one_step_timestep or int(student_cfg.timesteps.get("1", [999])[0])
     latents, labels = training_latents(teacher, cfg.latents, base.seed, run_dir / "latents", progress)
     regression = PairRegression(teacher, cfg.regression, run_dir / "pairs", judge, progress) if cfg.regression else None
@@ -526,7 +555,7 @@ def refine_hypersd(
 
     provenance = dict(student_cfg.provenance)
     leg = {"student": student_dir.name, "steps": cfg.steps, "lr": cfg.lr, "recipe": "k=1 TSCD + DMD on 1-step samples",
-           "one_step_timestep": one_step_t,
+           "one_step_timestep": one_step_t, "rank": base.rank,
            "distribution_matching": config_dict(cfg.matching), "train_seconds": round(timer.seconds),
            "commit": git_commit()}  # fmt: skip
     if regression is not None:

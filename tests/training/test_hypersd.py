@@ -225,6 +225,35 @@ def test_a_refinement_can_move_the_one_step_timestep_and_the_export_serves_one_s
     assert FlashstepConfig.load(tmp_path / "refined2").timesteps["1"] == [800]
 
 
+def test_widening_a_lora_keeps_what_it_computes_and_a_widened_refinement_exports_the_new_rank(tiny_teacher_dir, tmp_path):
+    student = tmp_path / "shapes-hypersd"
+    train_hypersd(TINY, tmp_path / "run", student, teacher_dir=tiny_teacher_dir, progress=False)
+    teacher = load_teacher(tiny_teacher_dir)
+    narrow, _ = load_lora_student(teacher, student)
+    wide, base = load_lora_student(teacher, student, rank=2 * TINY.rank)
+    assert base.rank == 2 * TINY.rank
+    x, t = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1)), torch.tensor([800, 249])
+    embeds = teacher.encode_prompts(["a red circle", "a blue star"])
+    with torch.no_grad():
+        assert torch.allclose(unet_eps(wide, x, t, embeds), unet_eps(narrow, x, t, embeds), atol=ATOL)
+    # The added directions are live: their A rows are random, so B's new columns get gradients at once.
+    a = next(p for n, p in wide.named_parameters() if "lora_A" in n)
+    assert a.shape[0] == 2 * TINY.rank and a[TINY.rank :].abs().sum() > 0
+    with pytest.raises(ValueError, match="would narrow .* rank-4 LoRA"):
+        load_lora_student(teacher, student, rank=2)
+
+    cfg = HyperSDRefineConfig(steps=1, latents=8, batch_size=2, save_every=1, rank=2 * TINY.rank,
+                              matching=DistributionMatchingConfig(fake_warmup=1, lora_rank=4))  # fmt: skip
+    refine_hypersd(cfg, tmp_path / "refine", student, tmp_path / "wide", teacher_dir=tiny_teacher_dir, progress=False)
+    weights = load_file(str(tmp_path / "wide" / LORA_WEIGHT_NAME))
+    assert {v.shape[0] for k, v in weights.items() if "lora_A" in k} == {2 * TINY.rank}
+    assert FlashstepConfig.load(tmp_path / "wide").provenance["refinements"][-1]["rank"] == 2 * TINY.rank
+    reloaded, again = load_lora_student(teacher, tmp_path / "wide")  # the file's metadata carries the new rank
+    assert again.rank == 2 * TINY.rank
+    result = Engine.load(tmp_path / "wide").generate([GenerationRequest(prompt="a red circle", seed=3, num_inference_steps=1)])
+    assert result.unet_evals == 1 and result.images[0].size == (64, 64)
+
+
 def test_the_regression_term_is_dmds_mse_from_a_pairs_noise_to_the_teachers_endpoint(tiny_teacher_dir, random_judge, tmp_path):
     teacher = load_teacher(tiny_teacher_dir)
     cfg = PairRegressionConfig(pairs=4, weight=0.5, perceptual_weight=0.0)
