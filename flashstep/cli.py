@@ -249,14 +249,10 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
             reg = dataclasses.replace(reg, pairs=4, pair_start=0)
         given = {"pairs": args.pairs, "pair_start": args.pairs_from, "weight": args.regression_weight}
         cfg = dataclasses.replace(cfg, regression=dataclasses.replace(reg, **{k: v for k, v in given.items() if v}))
-    if args.one_step_timestep is not None:
-        if not 1 <= args.one_step_timestep <= 999:
-            raise SystemExit(f"--one-step-timestep must be in [1, 999] but is {args.one_step_timestep}")
-        cfg = dataclasses.replace(cfg, one_step_timestep=args.one_step_timestep)
-    if args.rank is not None:
-        if args.rank < 1:
-            raise SystemExit(f"--rank must be a positive integer but is {args.rank}")
-        cfg = dataclasses.replace(cfg, rank=args.rank)
+    try:  # HyperSDRefineConfig checks the ranges and names the field
+        cfg = dataclasses.replace(cfg, one_step_timestep=args.one_step_timestep, rank=args.rank)
+    except ValueError as err:
+        raise SystemExit(f"flashstep train hypersd-refine: {err}") from err
     weight = args.dmd_weight or cfg.matching.weight
     cfg = dataclasses.replace(cfg, matching=_matching(dataclasses.replace(cfg.matching, weight=weight), cfg.steps))
     return refine_hypersd(cfg, runs / "hypersd-refine", args.student, out, teacher_dir=teacher)

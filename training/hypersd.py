@@ -428,6 +428,12 @@ class HyperSDRefineConfig:
     save_every: int = 100
     seed: int = 9500
 
+    def __post_init__(self) -> None:
+        if self.one_step_timestep is not None and not 1 <= self.one_step_timestep <= 999:
+            raise ValueError(f"`one_step_timestep` must be in [1, 999] but is {self.one_step_timestep}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"`rank` must be a positive integer but is {self.rank}")
+
 
 def one_step_sample(
     unet: torch.nn.Module, z: torch.Tensor, embeds: torch.Tensor, alphas_cumprod: torch.Tensor, timestep: int = 999

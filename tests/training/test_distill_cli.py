@@ -141,12 +141,12 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tmp_path)
     assert FlashstepConfig.load(at_800).timesteps["1"] == [800]
     regression = FlashstepConfig.load(at_800).provenance["refinements"][-1]["regression"]
     assert (regression["pairs"], regression["weight"]) == (4, 1.0)
-    with pytest.raises(SystemExit, match="--one-step-timestep must be in \\[1, 999\\] but is 1000"):
+    with pytest.raises(SystemExit, match="`one_step_timestep` must be in \\[1, 999\\] but is 1000"):
         flashstep_main([*argv, "--one-step-timestep", "1000", "--out", str(at_800)])
     wide = ["--runs", str(tmp_path / "wide-runs"), "--rank", "32", "--out", str(tmp_path / "wide")]
     assert flashstep_main([*argv, *wide]) == 0
     assert FlashstepConfig.load(tmp_path / "wide").provenance["refinements"][-1]["rank"] == 32
-    with pytest.raises(SystemExit, match="--rank must be a positive integer but is 0"):
+    with pytest.raises(SystemExit, match="`rank` must be a positive integer but is 0"):
         flashstep_main([*argv, "--rank", "0", "--out", str(tmp_path / "wide")])
     result = load_engine(str(refined)).generate([GenerationRequest(prompt="a blue star", seed=1, num_inference_steps=1)])
     assert result.images[0].size == (64, 64)
