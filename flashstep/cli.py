@@ -250,7 +250,9 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
         given = {"pairs": args.pairs, "pair_start": args.pairs_from, "weight": args.regression_weight}
         cfg = dataclasses.replace(cfg, regression=dataclasses.replace(reg, **{k: v for k, v in given.items() if v}))
     try:  # HyperSDRefineConfig checks the ranges and names the field
-        cfg = dataclasses.replace(cfg, one_step_timestep=args.one_step_timestep, rank=args.rank)
+        cfg = dataclasses.replace(
+            cfg, one_step_timestep=args.one_step_timestep, rank=args.rank, export_rank=args.export_rank
+        )
     except ValueError as err:
         raise SystemExit(f"flashstep train hypersd-refine: {err}") from err
     weight = args.dmd_weight or cfg.matching.weight
@@ -360,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--start-steps", type=int, default=None, help="swiftbrush with --start-from: steps of that regression (default 1,500)")
     t.add_argument("--one-step-timestep", type=int, default=None, help="hypersd-refine: the timestep the 1-step sample feeds pure noise at, in training and in the export (default: the student's, 999 from the recipe; Hyper-SD's SDXL one-step UNet uses 800)")
     t.add_argument("--rank", type=int, default=None, help="hypersd-refine: widen the student's LoRA to this rank before training (the stored update kept exactly; default: its own rank)")
+    t.add_argument("--export-rank", type=int, default=None, help="hypersd-refine: store the trained LoRA at this lower rank, each layer's best approximation (SVD), e.g. train at --rank 32 and ship at 16 (default: as trained); a finished run re-exports without training again")
     t.add_argument("--regression-weight", type=float, default=None, help="hypersd-refine: DMD's regression loss on teacher ODE pairs (latent MSE + judge-feature perceptual) at this weight (default 0.25 when --pairs is given; --pairs / --pairs-from / --bf16 choose and make the pairs as for instaflow-refine)")
     t.add_argument("--colour-weight", type=float, default=None, help="instaflow-refine: weight of the perceptual loss's pooled-colour term (default 0: judge features only)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")

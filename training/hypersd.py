@@ -259,6 +259,32 @@ def lora_student(teacher: Teacher, cfg: HyperSDTrainConfig) -> UNet2DConditionMo
     return unet
 
 
+def low_rank_lora(layers: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Each module's update B @ A cut to its best rank-`rank` approximation (Eckart-Young: the top singular
+    directions of the product, sqrt(S) split between the factors), as LoRA resizing tools do.
+
+    Training wide and storing narrow: a rank-32 leg of the shipped LoRA kept all but 1.4% of every layer's
+    update energy at rank 16, where the file fits the shipped-set budget. Keys as PEFT's state dict; A is
+    (r, in, ...) and B (out, r, ...), convolutions included (A's kernel is flattened into the columns).
+    """
+    if rank < 1:
+        raise ValueError(f"`rank` must be a positive integer but is {rank}")
+    out = {}
+    for key_a in (k for k in layers if "lora_A" in k):
+        key_b = key_a.replace("lora_A", "lora_B")
+        a, b = layers[key_a], layers[key_b]
+        if rank > a.shape[0]:
+            raise ValueError(f"`rank` {rank} is above the LoRA's own rank {a.shape[0]} ({key_a})")
+        u, s, vh = torch.linalg.svd(b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1), full_matrices=False)
+        keep = min(rank, s.shape[0])  # a module narrower than `rank` has fewer directions: pad with zeros
+        root = s[:keep].sqrt()
+        new_a, new_b = a.new_zeros(rank, vh.shape[1]), b.new_zeros(b.shape[0], rank)
+        new_a[:keep], new_b[:, :keep] = root[:, None] * vh[:keep], u[:, :keep] * root
+        out[key_a] = new_a.reshape(rank, *a.shape[1:])
+        out[key_b] = new_b.reshape(b.shape[0], rank, *b.shape[2:])
+    return out
+
+
 def base_reference(teacher_folder: Path, export_dir: Path) -> str:
     """How flashstep.json names the base: the teacher's model name when a models root holding the export
     resolves that name to it (a shipped teacher, or a sibling of the export), else its absolute path."""
@@ -276,22 +302,28 @@ def export_hypersd(
     cfg: HyperSDTrainConfig,
     provenance: dict,
     one_step_timestep: int = 999,
+    rank: int | None = None,
 ) -> Path:
     """Write `folder` with only flashstep.json and the diffusers/PEFT LoRA file (`unet.`-prefixed keys).
 
     Every step count samples on the trailing timesteps but one step, which starts at `one_step_timestep`.
+    A `rank` below the trained one stores `low_rank_lora`'s best approximation at that rank.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    layers = {k: v.detach().float() for k, v in get_peft_model_state_dict(unet).items()}
+    rank = cfg.rank if rank is None else rank
+    if rank != cfg.rank:
+        layers = low_rank_lora(layers, rank)
     # fp16 on disk halves the file (the shipped set must stay under 40 MB); loaders upcast on CPU.
-    layers = {k: v.detach().half().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    layers = {k: v.half().contiguous() for k, v in layers.items()}
     StableDiffusionPipeline.save_lora_weights(
         folder,
         unet_lora_layers=layers,
         weight_name=LORA_WEIGHT_NAME,
         unet_lora_adapter_metadata={
-            "r": cfg.rank,
-            "lora_alpha": cfg.rank,
+            "r": rank,
+            "lora_alpha": rank,
             "target_modules": list(cfg.lora_targets),
         },
     )
@@ -420,6 +452,7 @@ class HyperSDRefineConfig:
     one_step_timestep: int | None = None
     regression: PairRegressionConfig | None = None  # None: no regression term
     rank: int | None = None  # widen the student's LoRA to this rank first (None keeps its own)
+    export_rank: int | None = None  # store the trained LoRA at this lower rank (`low_rank_lora`); None: as trained
     latents: int = HyperSDTrainConfig.latents  # the recipe's real scenes (the same seed, so its cache is reused)
     batch_size: int = 32
     lr: float = 2e-4  # a fifth of TSCD's: the LoRA is trained already
@@ -433,6 +466,8 @@ class HyperSDRefineConfig:
             raise ValueError(f"`one_step_timestep` must be in [1, 999] but is {self.one_step_timestep}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"`rank` must be a positive integer but is {self.rank}")
+        if self.export_rank is not None and self.export_rank < 1:
+            raise ValueError(f"`export_rank` must be a positive integer but is {self.export_rank}")
 
 
 def one_step_sample(
@@ -525,6 +560,8 @@ def refine_hypersd(
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(teacher_dir)
     unet, base = load_lora_student(teacher, student_dir, cfg.rank)
+    if cfg.export_rank is not None and cfg.export_rank > base.rank:
+        raise ValueError(f"`export_rank` {cfg.export_rank} is above the rank {base.rank} the leg trains at")
     one_step_t = cfg.one_step_timestep or int(student_cfg.timesteps.get("1", [999])[0])
     latents, labels = training_latents(teacher, cfg.latents, base.seed, run_dir / "latents", progress)
     regression = PairRegression(teacher, cfg.regression, run_dir / "pairs", judge, progress) if cfg.regression else None
@@ -561,14 +598,14 @@ def refine_hypersd(
 
     provenance = dict(student_cfg.provenance)
     leg = {"student": student_dir.name, "steps": cfg.steps, "lr": cfg.lr, "recipe": "k=1 TSCD + DMD on 1-step samples",
-           "one_step_timestep": one_step_t, "rank": base.rank,
+           "one_step_timestep": one_step_t, "rank": base.rank, "export_rank": cfg.export_rank or base.rank,
            "distribution_matching": config_dict(cfg.matching), "train_seconds": round(timer.seconds),
            "commit": git_commit()}  # fmt: skip
     if regression is not None:
         leg["regression"] = {**config_dict(cfg.regression), "pairs_seconds": round(regression.seconds)}
     provenance["refinements"] = [*provenance.get("refinements", []), leg]
     base = replace(base, default_steps=student_cfg.default_steps, eta=student_cfg.eta)
-    export_hypersd(export_dir, unet, teacher, base, provenance, one_step_timestep=one_step_t)
+    export_hypersd(export_dir, unet, teacher, base, provenance, one_step_timestep=one_step_t, rank=cfg.export_rank)
     report = {"refine_seconds": round(timer.seconds), "config": config_dict(cfg)}
     (run_dir / "refine_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -27,6 +27,7 @@ from training.hypersd import (
     base_reference,
     ddim_jump,
     load_lora_student,
+    low_rank_lora,
     one_step_sample,
     refine_hypersd,
     segment_boundaries,
@@ -252,6 +253,43 @@ def test_widening_a_lora_keeps_what_it_computes_and_a_widened_refinement_exports
     assert again.rank == 2 * TINY.rank
     result = Engine.load(tmp_path / "wide").generate([GenerationRequest(prompt="a red circle", seed=3, num_inference_steps=1)])
     assert result.unet_evals == 1 and result.images[0].size == (64, 64)
+
+    # Trained wide, stored narrow: the finished run re-exports at the student's own rank without training again.
+    narrowed = dataclasses.replace(cfg, export_rank=TINY.rank)
+    refine_hypersd(narrowed, tmp_path / "refine", student, tmp_path / "narrow", teacher_dir=tiny_teacher_dir, progress=False)
+    stored = load_file(str(tmp_path / "narrow" / LORA_WEIGHT_NAME))
+    assert {v.shape[0] for k, v in stored.items() if "lora_A" in k} == {TINY.rank}
+    leg = FlashstepConfig.load(tmp_path / "narrow").provenance["refinements"][-1]
+    assert (leg["rank"], leg["export_rank"]) == (2 * TINY.rank, TINY.rank)
+    assert load_lora_student(teacher, tmp_path / "narrow")[1].rank == TINY.rank
+    with pytest.raises(ValueError, match="`export_rank` 16 is above the rank 8 the leg trains at"):
+        refine_hypersd(dataclasses.replace(cfg, export_rank=16), tmp_path / "refine", student, tmp_path / "x",
+                       teacher_dir=tiny_teacher_dir, progress=False)  # fmt: skip
+
+
+def test_a_lora_stored_at_a_lower_rank_keeps_each_layers_best_approximation():
+    gen = torch.Generator().manual_seed(0)
+    layers = {  # a linear and a 3x3 conv module, rank 6, PEFT's key names
+        "a.lora_A.weight": torch.randn(6, 10, generator=gen), "a.lora_B.weight": torch.randn(12, 6, generator=gen),
+        "c.lora_A.weight": torch.randn(6, 4, 3, 3, generator=gen), "c.lora_B.weight": torch.randn(5, 6, 1, 1, generator=gen),
+    }  # fmt: skip
+
+    def update(state, name):
+        a, b = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
+        return b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+
+    full = low_rank_lora(layers, 6)  # at its own rank: the same updates
+    for name in ("a", "c"):
+        assert torch.allclose(update(full, name), update(layers, name), atol=1e-4)
+    cut = low_rank_lora(layers, 2)
+    assert cut["c.lora_A.weight"].shape == (2, 4, 3, 3) and cut["c.lora_B.weight"].shape == (5, 2, 1, 1)
+    for name in ("a", "c"):
+        delta, approx = update(layers, name), update(cut, name)
+        assert torch.linalg.matrix_rank(approx) == 2
+        tail = torch.linalg.svdvals(delta)[2:]  # Eckart-Young: no rank-2 matrix is closer
+        assert torch.allclose((delta - approx).pow(2).sum(), tail.pow(2).sum(), rtol=1e-3)
+    with pytest.raises(ValueError, match="`rank` 7 is above the LoRA's own rank 6"):
+        low_rank_lora(layers, 7)
 
 
 def test_the_regression_term_is_dmds_mse_from_a_pairs_noise_to_the_teachers_endpoint(tiny_teacher_dir, random_judge, tmp_path):
