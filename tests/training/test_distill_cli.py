@@ -146,6 +146,10 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tmp_path)
     wide = ["--runs", str(tmp_path / "wide-runs"), "--rank", "32", "--out", str(tmp_path / "wide")]
     assert flashstep_main([*argv, *wide]) == 0
     assert FlashstepConfig.load(tmp_path / "wide").provenance["refinements"][-1]["rank"] == 32
+    narrow = [*wide[:-1], str(tmp_path / "narrow"), "--export-rank", "16"]  # the finished run, stored at rank 16
+    assert flashstep_main([*argv, *narrow]) == 0
+    leg = FlashstepConfig.load(tmp_path / "narrow").provenance["refinements"][-1]
+    assert (leg["rank"], leg["export_rank"]) == (32, 16)
     with pytest.raises(SystemExit, match="`rank` must be a positive integer but is 0"):
         flashstep_main([*argv, "--rank", "0", "--out", str(tmp_path / "wide")])
     result = load_engine(str(refined)).generate([GenerationRequest(prompt="a blue star", seed=1, num_inference_steps=1)])
