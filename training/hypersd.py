@@ -446,9 +446,10 @@ class HyperSDRefineConfig:
     steps: int = 1500
     # The timestep the 1-step sample feeds pure noise at; None keeps the student's (its flashstep.json).
     # Hyper-SD serves its SDXL one-step UNet at 800, not 999 (its model card: `timesteps=[800]`): x0 =
-    # (z - sqrt(1 - abar) eps) / sqrt(abar) divides by sqrt(abar_800) = 0.21 there instead of
-    # sqrt(abar_999) = 0.068, so an error in eps reaches the image 3x less amplified. The shipped LoRA,
-    # trained at 999, drew 0.490 seen adherence there and 0.596 at 800 before any training at 800.
+    # (z - sqrt(1 - abar) eps) / sqrt(abar) divides by sqrt(abar_800) = 0.19 there instead of
+    # sqrt(abar_999) = 0.068, so an error in eps reaches the image 3x less amplified. The LoRA trained at
+    # 999 drew 0.490 seen adherence there and 0.596 at 800 before any training at 800; the shipped one
+    # went on to 700, then 650 (sqrt(abar) = 0.34), where it draws 0.696.
     one_step_timestep: int | None = None
     regression: PairRegressionConfig | None = None  # None: no regression term
     rank: int | None = None  # widen the student's LoRA to this rank first (None keeps its own)
