@@ -58,6 +58,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from models.flashstep_config import FlashstepConfig
+from models.lora import LoraLayer
 from models.registry import discover
 from models.schedule import trailing_timesteps
 from training.checkpointing import config_dict, load_train_state, save_train_state
@@ -275,7 +276,8 @@ def low_rank_lora(layers: dict[str, torch.Tensor], rank: int) -> dict[str, torch
         a, b = layers[key_a], layers[key_b]
         if rank > a.shape[0]:
             raise ValueError(f"`rank` {rank} is above the LoRA's own rank {a.shape[0]} ({key_a})")
-        u, s, vh = torch.linalg.svd(b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1), full_matrices=False)
+        update = LoraLayer("unet", key_a, down=a, up=b).delta().flatten(1)  # alpha = rank: B @ A unscaled
+        u, s, vh = torch.linalg.svd(update, full_matrices=False)
         keep = min(rank, s.shape[0])  # a module narrower than `rank` has fewer directions: pad with zeros
         root = s[:keep].sqrt()
         new_a, new_b = a.new_zeros(rank, vh.shape[1]), b.new_zeros(b.shape[0], rank)
