@@ -49,6 +49,8 @@ class DistributionMatchingConfig:
             raise ValueError(
                 f"fake_updates must be >= 1 (the fake score must follow the student), got {self.fake_updates}"
             )
+        if self.guidance < 0:
+            raise ValueError(f"`guidance` (the real score's CFG scale) must be >= 0 but is {self.guidance}")
         if not 0 <= self.t_range[0] <= self.t_range[1] < 1000:
             raise ValueError(f"t_range must lie in [0, 999] and be ordered, got {self.t_range}")
 
