@@ -263,7 +263,8 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
         cfg = dataclasses.replace(cfg, regression=dataclasses.replace(reg, **{k: v for k, v in given.items() if v}))
     try:  # HyperSDRefineConfig checks the ranges and names the field
         cfg = dataclasses.replace(
-            cfg, one_step_timestep=args.one_step_timestep, rank=args.rank, export_rank=args.export_rank
+            cfg, one_step_timestep=args.one_step_timestep, rank=args.rank, export_rank=args.export_rank,
+            tscd_weight=cfg.tscd_weight if args.tscd_weight is None else args.tscd_weight,
         )
     except ValueError as err:
         raise SystemExit(f"flashstep train hypersd-refine: {err}") from err
@@ -375,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--start-from", type=Path, default=None, help="swiftbrush: start the student from this one-step instaflow student (SwiftBrush v2), taken over by regression on fresh noise, instead of from the teacher")
     t.add_argument("--start-steps", type=int, default=None, help="swiftbrush with --start-from: steps of that regression (default 1,500)")
     t.add_argument("--one-step-timestep", type=int, default=None, help="hypersd-refine: the timestep the 1-step sample feeds pure noise at, in training and in the export (default: the student's, 999 from the recipe; Hyper-SD's SDXL one-step UNet uses 800)")
+    t.add_argument("--tscd-weight", type=float, default=None, help="hypersd-refine: weight of the k = 1 TSCD loss that keeps the multi-step jumps (default 1); 0 trains a LoRA for one step only")
     t.add_argument("--rank", type=int, default=None, help="hypersd-refine: widen the student's LoRA to this rank before training (the stored update kept exactly; default: its own rank)")
     t.add_argument("--export-rank", type=int, default=None, help="hypersd-refine: store the trained LoRA at this lower rank, each layer's best approximation (SVD), e.g. train at --rank 32 and ship at 16 (default: as trained); a finished run re-exports without training again")
     t.add_argument("--regression-weight", type=float, default=None, help="hypersd-refine: DMD's regression loss on teacher ODE pairs (latent MSE + judge-feature perceptual) at this weight (default 0.25 when --pairs is given; --pairs / --pairs-from / --bf16 choose and make the pairs as for instaflow-refine)")

@@ -454,6 +454,11 @@ class HyperSDRefineConfig:
     # went on to 700, then 650 (sqrt(abar) = 0.34), where it draws 0.696.
     one_step_timestep: int | None = None
     regression: PairRegressionConfig | None = None  # None: no regression term
+    # The k = 1 TSCD loss keeps the multi-step jumps; 0 drops it, for a LoRA that only serves one step (Hyper-SD
+    # ships per-step-count LoRAs beside its unified one). At the one-step timestep a real x_t = sqrt(abar) x0 +
+    # sqrt(1 - abar) eps and pure noise have the same variance, so the consistency loss (which must read x0 out
+    # of x_t) and the one-step sample (which must ignore what looks like x0 in z) pull the same weights apart.
+    tscd_weight: float = 1.0
     rank: int | None = None  # widen the student's LoRA to this rank first (None keeps its own)
     export_rank: int | None = None  # store the trained LoRA at this lower rank (`low_rank_lora`); None: as trained
     latents: int = HyperSDTrainConfig.latents  # the recipe's real scenes (the same seed, so its cache is reused)
@@ -471,6 +476,8 @@ class HyperSDRefineConfig:
             raise ValueError(f"`rank` must be a positive integer but is {self.rank}")
         if self.export_rank is not None and self.export_rank < 1:
             raise ValueError(f"`export_rank` must be a positive integer but is {self.export_rank}")
+        if self.tscd_weight < 0:
+            raise ValueError(f"`tscd_weight` must be >= 0 but is {self.tscd_weight}")
 
 
 def one_step_sample(
@@ -586,14 +593,17 @@ def refine_hypersd(
         idx = rng.integers(0, len(latents), cfg.batch_size)
         cond = teacher.encode_prompts(captions_for_labels(labels[idx], rng, base.cond_dropout))
         real = latents[idx]
-        loss = tscd_loss(unet, teacher.unet, teacher.alphas_cumprod, real, cond, uncond, 1, base, gen)
+        loss = torch.zeros(())
+        if cfg.tscd_weight:
+            loss = cfg.tscd_weight * tscd_loss(unet, teacher.unet, teacher.alphas_cumprod, real, cond, uncond, 1, base, gen)
         x = one_step_sample(unet, torch.randn(real.shape, generator=gen), cond, teacher.alphas_cumprod, one_step_t)
         if step >= cfg.matching.fake_warmup:
             loss = loss + cfg.matching.weight * matching.loss(x, cond, gen)
         if regression is not None:
             loss = loss + regression.loss(unet, one_step_t, rng, cfg.batch_size)
         matching.fit(x, cond, gen)
-        optimizer_step(opt, loss, params)
+        if loss.requires_grad:  # a one-step-only leg with no regression has nothing to train during the warm-up
+            optimizer_step(opt, loss, params)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_train_state(state_dir, step + 1, modules, optimizers, config_dict(cfg))
@@ -601,7 +611,7 @@ def refine_hypersd(
 
     provenance = dict(student_cfg.provenance)
     leg = {"student": student_dir.name, "steps": cfg.steps, "lr": cfg.lr, "recipe": "k=1 TSCD + DMD on 1-step samples",
-           "one_step_timestep": one_step_t, "rank": base.rank, "export_rank": cfg.export_rank or base.rank,
+           "one_step_timestep": one_step_t, "tscd_weight": cfg.tscd_weight, "rank": base.rank, "export_rank": cfg.export_rank or base.rank,
            "distribution_matching": config_dict(cfg.matching), "train_seconds": round(timer.seconds),
            "commit": git_commit()}  # fmt: skip
     if regression is not None:

@@ -159,6 +159,12 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tmp_path)
     assert flashstep_main([*argv, *narrow]) == 0
     leg = FlashstepConfig.load(tmp_path / "narrow").provenance["refinements"][-1]
     assert (leg["rank"], leg["export_rank"]) == (32, 16)
+    # A one-step-only leg: no TSCD term, and no regression either, so its first (warm-up) step has nothing to train.
+    one_step = ["--runs", str(tmp_path / "one-runs"), "--tscd-weight", "0", "--out", str(tmp_path / "one")]
+    assert flashstep_main([*argv, *one_step]) == 0
+    assert FlashstepConfig.load(tmp_path / "one").provenance["refinements"][-1]["tscd_weight"] == 0.0
+    with pytest.raises(SystemExit, match="`tscd_weight` must be >= 0 but is -1"):
+        flashstep_main([*argv, "--tscd-weight", "-1", "--out", str(tmp_path / "one")])
     with pytest.raises(SystemExit, match="`rank` must be a positive integer but is 0"):
         flashstep_main([*argv, "--rank", "0", "--out", str(tmp_path / "wide")])
     result = load_engine(str(refined)).generate([GenerationRequest(prompt="a blue star", seed=1, num_inference_steps=1)])
