@@ -255,6 +255,8 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
         cfg = dataclasses.replace(cfg, steps=2, latents=8, batch_size=2, save_every=1)
     if args.steps:
         cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.lr:
+        cfg = dataclasses.replace(cfg, lr=args.lr)
     if args.pairs or args.regression_weight:
         reg = PairRegressionConfig(bf16=args.bf16)
         if args.tiny:
@@ -268,9 +270,17 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
         )
     except ValueError as err:
         raise SystemExit(f"flashstep train hypersd-refine: {err}") from err
-    weight = args.dmd_weight or cfg.matching.weight
-    matching = _dmd_config(dataclasses.replace(cfg.matching, weight=weight), args)
-    cfg = dataclasses.replace(cfg, matching=_matching(matching, cfg.steps))
+    weight = cfg.matching.weight if args.dmd_weight is None else args.dmd_weight
+    if weight == 0:  # DMD off: the leg is TSCD and/or regression
+        if args.dmd_guidance is not None:
+            raise SystemExit("flashstep train hypersd-refine: --dmd-guidance needs a DMD term, but --dmd-weight is 0")
+        matching = None
+    else:
+        matching = _matching(_dmd_config(dataclasses.replace(cfg.matching, weight=weight), args), cfg.steps)
+    try:
+        cfg = dataclasses.replace(cfg, matching=matching)
+    except ValueError as err:
+        raise SystemExit(f"flashstep train hypersd-refine: {err}") from err
     return refine_hypersd(cfg, runs / "hypersd-refine", args.student, out, teacher_dir=teacher)
 
 
@@ -363,12 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--runs", default=str(DEFAULT_RUNS), help="folder for resumable training state")
     t.add_argument("--out", type=Path, default=None, help="export folder; for distillation recipes the models folder their exports go in (default: the shipped one)")
     t.add_argument("--student", type=Path, default=None, help="instaflow-refine / hypersd-refine: the exported student to refine, for instaflow-refine a one-step student (more distillation) or a 2-rectified flow (more reflow); its export goes to --out, default RUNS/<stage>/<its folder name>")
-    t.add_argument("--dmd-weight", type=float, default=None, help="instaflow-refine: add DMD distribution matching (real score: the teacher with CFG; fake score: a LoRA on the student's samples) at this weight beside the L2 regression; hypersd-refine: the weight of its DMD term (default 1)")
+    t.add_argument("--dmd-weight", type=float, default=None, help="instaflow-refine: add DMD distribution matching (real score: the teacher with CFG; fake score: a LoRA on the student's samples) at this weight beside the L2 regression; hypersd-refine: the weight of its DMD term (default 1; 0 turns it off)")
     t.add_argument("--dmd-guidance", type=float, default=None, help="instaflow-refine, hypersd-refine: the CFG scale of DMD's real score (default 4, the scale the teacher pairs are sampled at); on shapes the teacher@25 names colours best near 2 (0.96 colour accuracy at 2, 0.91 at 4, 0.86 at 8)")
     t.add_argument("--pairs", type=int, default=None, help="instaflow-refine, hypersd-refine: teacher ODE pairs to train on (default 12,288; the first ones are the recipe's, missing ones are generated); for hypersd-refine, turns on the regression term")
     t.add_argument("--pairs-from", type=int, default=None, help="instaflow-refine, hypersd-refine: index of the first pair (a multiple of 128): pairs are seeded by index, so a leg can train on pairs earlier legs never saw (default 0)")
     t.add_argument("--bf16", action="store_true", help="instaflow-refine (hypersd-refine: the pairs only): teacher pairs and the student's forward passes under bfloat16 autocast (2.0x and 1.4x faster on the 2-core CPU)")
-    t.add_argument("--lr", type=float, default=None, help="instaflow-refine, swiftbrush: the student's peak learning rate (defaults 1e-4, 3e-4)")
+    t.add_argument("--lr", type=float, default=None, help="instaflow-refine, swiftbrush, hypersd-refine: the student's peak learning rate (defaults 1e-4, 3e-4, 2e-4)")
     t.add_argument("--guidance-range", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="swiftbrush: PG-SB's range for the guidance scale both teachers use, kappa ~ U(LO, HI) (default 0.5 2)")
     t.add_argument("--lora-warmup", type=int, default=None, help="swiftbrush: the first N of --steps train only the LoRA teacher, on the starting student's samples (default 0)")
     t.add_argument("--prediction", choices=["epsilon", "v_prediction", "flow"], default=None, help="swiftbrush: what the student's UNet outputs from pure noise (default epsilon, SwiftBrush's; v_prediction, SD-Turbo's, conditions its one step ~15x better; flow, the rectified-flow velocity at t = 1000: with --start-from, the student starts from that instaflow student's weights, no take-over)")

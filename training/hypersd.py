@@ -305,11 +305,13 @@ def export_hypersd(
     provenance: dict,
     one_step_timestep: int = 999,
     rank: int | None = None,
+    served_steps: tuple[int, ...] = SERVED_STEPS,
 ) -> Path:
     """Write `folder` with only flashstep.json and the diffusers/PEFT LoRA file (`unet.`-prefixed keys).
 
     Every step count samples on the trailing timesteps but one step, which starts at `one_step_timestep`.
-    A `rank` below the trained one stores `low_rank_lora`'s best approximation at that rank.
+    A `rank` below the trained one stores `low_rank_lora`'s best approximation at that rank. `served_steps`
+    narrows the step counts the folder allows (a LoRA trained for one step only serves one step).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -332,8 +334,8 @@ def export_hypersd(
     config = FlashstepConfig(
         family="hypersd",
         default_steps=cfg.default_steps,
-        allowed_steps=SERVED_STEPS,
-        timesteps={**{str(n): trailing_timesteps(n) for n in SERVED_STEPS}, "1": [one_step_timestep]},
+        allowed_steps=served_steps,
+        timesteps={**{str(n): trailing_timesteps(n) for n in served_steps if n > 1}, "1": [one_step_timestep]},
         default_guidance_scale=0.0,
         eta=cfg.eta,
         base=base_reference(teacher.folder, folder),
@@ -465,7 +467,7 @@ class HyperSDRefineConfig:
     batch_size: int = 32
     lr: float = 2e-4  # a fifth of TSCD's: the LoRA is trained already
     warmup: int = 50
-    matching: DistributionMatchingConfig = DistributionMatchingConfig()
+    matching: DistributionMatchingConfig | None = DistributionMatchingConfig()  # None: no DMD term (regression only)
     save_every: int = 100
     seed: int = 9500
 
@@ -478,6 +480,8 @@ class HyperSDRefineConfig:
             raise ValueError(f"`export_rank` must be a positive integer but is {self.export_rank}")
         if self.tscd_weight < 0:
             raise ValueError(f"`tscd_weight` must be >= 0 but is {self.tscd_weight}")
+        if not self.tscd_weight and self.matching is None and self.regression is None:
+            raise ValueError("a leg with `tscd_weight` 0, no `matching` and no `regression` has no loss to train on")
 
 
 def one_step_sample(
@@ -577,8 +581,8 @@ def refine_hypersd(
     regression = PairRegression(teacher, cfg.regression, run_dir / "pairs", judge, progress) if cfg.regression else None
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    matching = DistributionMatching(teacher, cfg.matching)
-    extra_modules, extra_opts = matching.state()
+    matching = DistributionMatching(teacher, cfg.matching) if cfg.matching is not None else None
+    extra_modules, extra_opts = matching.state() if matching is not None else ({}, {})
     modules, optimizers = {"lora": lora_weights(unet), **extra_modules}, {"lora": opt, **extra_opts}
     state_dir = run_dir / "refine"
     start = load_train_state(state_dir, modules, optimizers) or 0
@@ -596,12 +600,13 @@ def refine_hypersd(
         loss = torch.zeros(())
         if cfg.tscd_weight:
             loss = cfg.tscd_weight * tscd_loss(unet, teacher.unet, teacher.alphas_cumprod, real, cond, uncond, 1, base, gen)
-        x = one_step_sample(unet, torch.randn(real.shape, generator=gen), cond, teacher.alphas_cumprod, one_step_t)
-        if step >= cfg.matching.fake_warmup:
-            loss = loss + cfg.matching.weight * matching.loss(x, cond, gen)
+        if matching is not None:
+            x = one_step_sample(unet, torch.randn(real.shape, generator=gen), cond, teacher.alphas_cumprod, one_step_t)
+            if step >= matching.cfg.fake_warmup:
+                loss = loss + matching.cfg.weight * matching.loss(x, cond, gen)
+            matching.fit(x, cond, gen)
         if regression is not None:
             loss = loss + regression.loss(unet, one_step_t, rng, cfg.batch_size)
-        matching.fit(x, cond, gen)
         if loss.requires_grad:  # a one-step-only leg with no regression has nothing to train during the warm-up
             optimizer_step(opt, loss, params)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
@@ -612,13 +617,17 @@ def refine_hypersd(
     provenance = dict(student_cfg.provenance)
     leg = {"student": student_dir.name, "steps": cfg.steps, "lr": cfg.lr, "recipe": "k=1 TSCD + DMD on 1-step samples",
            "one_step_timestep": one_step_t, "tscd_weight": cfg.tscd_weight, "rank": base.rank, "export_rank": cfg.export_rank or base.rank,
-           "distribution_matching": config_dict(cfg.matching), "train_seconds": round(timer.seconds),
+           "distribution_matching": config_dict(cfg.matching) if cfg.matching is not None else None, "train_seconds": round(timer.seconds),
            "commit": git_commit()}  # fmt: skip
     if regression is not None:
         leg["regression"] = {**config_dict(cfg.regression), "pairs_seconds": round(regression.seconds)}
     provenance["refinements"] = [*provenance.get("refinements", []), leg]
-    base = replace(base, default_steps=student_cfg.default_steps, eta=student_cfg.eta)
-    export_hypersd(export_dir, unet, teacher, base, provenance, one_step_timestep=one_step_t, rank=cfg.export_rank)
+    # Without the TSCD term nothing holds the 2-, 4- and 8-step jumps in place, so the export serves one step only.
+    served = SERVED_STEPS if cfg.tscd_weight else (1,)
+    base = replace(base, default_steps=student_cfg.default_steps if cfg.tscd_weight else 1, eta=student_cfg.eta)
+    export_hypersd(
+        export_dir, unet, teacher, base, provenance, one_step_timestep=one_step_t, rank=cfg.export_rank, served_steps=served
+    )
     report = {"refine_seconds": round(timer.seconds), "config": config_dict(cfg)}
     (run_dir / "refine_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

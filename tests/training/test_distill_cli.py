@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL
 
 from flashstep.cli import DISTILL_STAGES
 from flashstep.cli import main as flashstep_main
+from models.errors import InvalidRequestError
 from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
 from models.registry import load_engine
@@ -162,7 +163,20 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tmp_path)
     # A one-step-only leg: no TSCD term, and no regression either, so its first (warm-up) step has nothing to train.
     one_step = ["--runs", str(tmp_path / "one-runs"), "--tscd-weight", "0", "--out", str(tmp_path / "one")]
     assert flashstep_main([*argv, *one_step]) == 0
-    assert FlashstepConfig.load(tmp_path / "one").provenance["refinements"][-1]["tscd_weight"] == 0.0
+    one = FlashstepConfig.load(tmp_path / "one")
+    assert one.provenance["refinements"][-1]["tscd_weight"] == 0.0
+    assert (one.allowed_steps, one.default_steps, one.timesteps) == ((1,), 1, {"1": [999]})  # nothing kept 2+ steps
+    with pytest.raises(InvalidRequestError, match="num_inference_steps"):
+        load_engine(str(tmp_path / "one")).validate(GenerationRequest(prompt="a red circle", seed=0, num_inference_steps=2))
+    # Regression alone: --dmd-weight 0 turns the DMD term (and its fake score) off.
+    plain = ["--runs", str(tmp_path / "plain-runs"), "--dmd-weight", "0", "--regression-weight", "1"]
+    assert flashstep_main([*argv[:-2], *plain, "--tscd-weight", "0", "--out", str(tmp_path / "plain")]) == 0
+    leg = FlashstepConfig.load(tmp_path / "plain").provenance["refinements"][-1]
+    assert (leg["distribution_matching"], leg["regression"]["weight"], leg["tscd_weight"]) == (None, 1.0, 0.0)
+    with pytest.raises(SystemExit, match="has no loss to train on"):
+        flashstep_main([*argv[:-2], "--dmd-weight", "0", "--tscd-weight", "0", "--out", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="--dmd-guidance needs a DMD term"):
+        flashstep_main([*argv[:-2], "--dmd-weight", "0", "--dmd-guidance", "2", "--out", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="`tscd_weight` must be >= 0 but is -1"):
         flashstep_main([*argv, "--tscd-weight", "-1", "--out", str(tmp_path / "one")])
     with pytest.raises(SystemExit, match="`rank` must be a positive integer but is 0"):
