@@ -556,6 +556,13 @@ class PairRegression:
         return self.cfg.weight * (F.mse_loss(pred, target) + self.cfg.perceptual_weight * self.perceptual(pred, target))
 
 
+def leg_recipe(cfg: HyperSDRefineConfig) -> str:
+    """The leg's loss terms, for its provenance: e.g. "k=1 TSCD + regression on teacher ODE pairs"."""
+    terms = [("k=1 TSCD", bool(cfg.tscd_weight)), ("DMD on 1-step samples", cfg.matching is not None),
+             ("regression on teacher ODE pairs", cfg.regression is not None)]  # fmt: skip
+    return " + ".join(name for name, on in terms if on)
+
+
 def refine_hypersd(
     cfg: HyperSDRefineConfig,
     run_dir: str | Path,
@@ -615,7 +622,7 @@ def refine_hypersd(
             timer.save()
 
     provenance = dict(student_cfg.provenance)
-    leg = {"student": student_dir.name, "steps": cfg.steps, "lr": cfg.lr, "recipe": "k=1 TSCD + DMD on 1-step samples",
+    leg = {"student": student_dir.name, "steps": cfg.steps, "lr": cfg.lr, "recipe": leg_recipe(cfg),
            "one_step_timestep": one_step_t, "tscd_weight": cfg.tscd_weight, "rank": base.rank, "export_rank": cfg.export_rank or base.rank,
            "distribution_matching": config_dict(cfg.matching) if cfg.matching is not None else None, "train_seconds": round(timer.seconds),
            "commit": git_commit()}  # fmt: skip

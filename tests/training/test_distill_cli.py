@@ -146,6 +146,7 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tmp_path)
     assert flashstep_main([*argv, "--dmd-guidance", "2.5", "--out", str(refined)]) == 0
     leg = FlashstepConfig.load(refined).provenance["refinements"][0]
     assert (leg["steps"], leg["distribution_matching"]["weight"], leg["distribution_matching"]["guidance"]) == (2, 2.0, 2.5)
+    assert leg["recipe"] == "k=1 TSCD + DMD on 1-step samples"
     at_800 = tmp_path / "at800"
     assert flashstep_main([*argv, "--one-step-timestep", "800", "--regression-weight", "1", "--out", str(at_800)]) == 0
     assert FlashstepConfig.load(at_800).timesteps["1"] == [800]
@@ -173,6 +174,7 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tmp_path)
     assert flashstep_main([*argv[:-2], *plain, "--tscd-weight", "0", "--out", str(tmp_path / "plain")]) == 0
     leg = FlashstepConfig.load(tmp_path / "plain").provenance["refinements"][-1]
     assert (leg["distribution_matching"], leg["regression"]["weight"], leg["tscd_weight"]) == (None, 1.0, 0.0)
+    assert leg["recipe"] == "regression on teacher ODE pairs"
     with pytest.raises(SystemExit, match="has no loss to train on"):
         flashstep_main([*argv[:-2], "--dmd-weight", "0", "--tscd-weight", "0", "--out", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="--dmd-guidance needs a DMD term"):
