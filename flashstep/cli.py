@@ -263,13 +263,6 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
             reg = dataclasses.replace(reg, pairs=4, pair_start=0)
         given = {"pairs": args.pairs, "pair_start": args.pairs_from, "weight": args.regression_weight}
         cfg = dataclasses.replace(cfg, regression=dataclasses.replace(reg, **{k: v for k, v in given.items() if v}))
-    try:  # HyperSDRefineConfig checks the ranges and names the field
-        cfg = dataclasses.replace(
-            cfg, one_step_timestep=args.one_step_timestep, rank=args.rank, export_rank=args.export_rank,
-            tscd_weight=cfg.tscd_weight if args.tscd_weight is None else args.tscd_weight,
-        )
-    except ValueError as err:
-        raise SystemExit(f"flashstep train hypersd-refine: {err}") from err
     weight = cfg.matching.weight if args.dmd_weight is None else args.dmd_weight
     if weight == 0:  # DMD off: the leg is TSCD and/or regression
         if args.dmd_guidance is not None:
@@ -277,8 +270,11 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
         matching = None
     else:
         matching = _matching(_dmd_config(dataclasses.replace(cfg.matching, weight=weight), args), cfg.steps)
-    try:
-        cfg = dataclasses.replace(cfg, matching=matching)
+    try:  # HyperSDRefineConfig checks the ranges and names the field
+        cfg = dataclasses.replace(
+            cfg, one_step_timestep=args.one_step_timestep, rank=args.rank, export_rank=args.export_rank,
+            tscd_weight=cfg.tscd_weight if args.tscd_weight is None else args.tscd_weight, matching=matching,
+        )
     except ValueError as err:
         raise SystemExit(f"flashstep train hypersd-refine: {err}") from err
     return refine_hypersd(cfg, runs / "hypersd-refine", args.student, out, teacher_dir=teacher)
