@@ -247,7 +247,12 @@ def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
 
 def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
     """Hyper-SD's score-distillation stage on an exported hypersd LoRA (`--student`); export to `--out`."""
-    from training.hypersd import HyperSDRefineConfig, PairRegressionConfig, refine_hypersd
+    from training.hypersd import (
+        HyperSDRefineConfig,
+        PairRegressionConfig,
+        SourceRegressionConfig,
+        refine_hypersd,
+    )
 
     out, teacher = _refinement_paths(args, runs, "shapes-hypersd")
     cfg = HyperSDRefineConfig()
@@ -257,7 +262,12 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     if args.lr:
         cfg = dataclasses.replace(cfg, lr=args.lr)
-    if args.pairs or args.regression_weight:
+    if args.regression_source:
+        if args.pairs or args.pairs_from:
+            raise SystemExit("flashstep train hypersd-refine: --regression-source replaces the teacher pairs; drop --pairs / --pairs-from")
+        reg = SourceRegressionConfig(str(args.regression_source))
+        cfg = dataclasses.replace(cfg, regression=dataclasses.replace(reg, weight=args.regression_weight or reg.weight))
+    elif args.pairs or args.regression_weight:
         reg = PairRegressionConfig(bf16=args.bf16)
         if args.tiny:
             reg = dataclasses.replace(reg, pairs=4, pair_start=0)
@@ -385,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tscd-weight", type=float, default=None, help="hypersd-refine: weight of the k = 1 TSCD loss that keeps the multi-step jumps (default 1); 0 trains a LoRA for one step only")
     t.add_argument("--rank", type=int, default=None, help="hypersd-refine: widen the student's LoRA to this rank before training (the stored update kept exactly; default: its own rank)")
     t.add_argument("--export-rank", type=int, default=None, help="hypersd-refine: store the trained LoRA at this lower rank, each layer's best approximation (SVD), e.g. train at --rank 32 and ship at 16 (default: as trained); a finished run re-exports without training again")
+    t.add_argument("--regression-source", type=Path, default=None, help="hypersd-refine: regress the 1-step sample onto this one-step instaflow student's sample of the same fresh noise (InstaFlow: a reflowed map distils into one step better than the teacher's) instead of onto teacher ODE pairs")
     t.add_argument("--regression-weight", type=float, default=None, help="hypersd-refine: DMD's regression loss on teacher ODE pairs (latent MSE + judge-feature perceptual) at this weight (default 0.25 when --pairs is given; --pairs / --pairs-from / --bf16 choose and make the pairs as for instaflow-refine)")
     t.add_argument("--colour-weight", type=float, default=None, help="instaflow-refine: weight of the perceptual loss's pooled-colour term (default 0: judge features only)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")

@@ -35,7 +35,8 @@ guidance 0.
 `refine_hypersd` (`flashstep train hypersd-refine --student FOLDER`) is the paper's score
 distillation for one step (Sec. 3.3, DMD): an exported LoRA keeps training on the k = 1 TSCD
 loss while `training.distribution_matching` pulls its 1-step samples onto the guided teacher's
-distribution. With `regression`, DMD's own regression loss on teacher ODE pairs joins them, and
+distribution. With `regression`, DMD's own regression loss joins them, on teacher ODE pairs or, with
+a `SourceRegressionConfig`, on a one-step instaflow student's samples of fresh noise; and
 `one_step_timestep` moves where the 1-step sample feeds pure noise (Hyper-SD's one-step UNet: 800).
 The human-feedback stage (Sec. 3.2) is left out: it needs reward models.
 """
@@ -66,6 +67,7 @@ from training.data import render_dataset
 from training.distill import (
     DEFAULT_TEACHER,
     HYBRID_GUIDANCE_SCALE,
+    PromptSampler,
     Provenance,
     Teacher,
     Timer,
@@ -80,6 +82,7 @@ from training.distill import (
 from training.distribution_matching import DistributionMatching, DistributionMatchingConfig
 from training.export import git_commit
 from training.instaflow import InstaFlowTrainConfig, JudgePerceptual, generate_pairs, load_pairs
+from training.instaflow import one_step as instaflow_one_step
 from training.judge import Judge
 from training.swiftbrush import lora_weights
 from training.teacher import captions_for_labels, encode_latents
@@ -440,6 +443,22 @@ class PairRegressionConfig:
 
 
 @dataclass(frozen=True)
+class SourceRegressionConfig:
+    """The regression term with a one-step instaflow student's map as its target instead of teacher ODE pairs.
+
+    InstaFlow's finding (Liu et al. 2023, arXiv:2309.06380, Sec. 3): a one-step student distils far
+    better from the reflowed (straightened) coupling than from the teacher's own, whose noise-to-image
+    map is harder to fit in one step. The shipped `shapes-instaflow` is that map already distilled, so
+    its sample of fresh noise is the target: one UNet call per sample, never repeating (the take-over
+    `training.warm_start` uses), with the same latent MSE + judge-feature perceptual loss as the pairs.
+    """
+
+    source: str  # folder of a one-step instaflow student
+    weight: float = 0.25
+    perceptual_weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class HyperSDRefineConfig:
     """Hyper-SD's third stage on an exported LoRA: DMD on the 1-step samples, the k = 1 TSCD loss beside it.
 
@@ -455,7 +474,7 @@ class HyperSDRefineConfig:
     # 999 drew 0.490 seen adherence there and 0.596 at 800 before any training at 800; the shipped one
     # went on to 700, then 650 (sqrt(abar) = 0.34), where it draws 0.696.
     one_step_timestep: int | None = None
-    regression: PairRegressionConfig | None = None  # None: no regression term
+    regression: PairRegressionConfig | SourceRegressionConfig | None = None  # None: no regression term
     # The k = 1 TSCD loss keeps the multi-step jumps; 0 drops it, for a LoRA that serves one step only (Hyper-SD
     # ships per-step-count LoRAs beside its unified one). The thought: at the one-step timestep a real x_t and
     # pure noise have the same variance, so reading x0 out of x_t (TSCD) and ignoring what looks like x0 in z
@@ -557,10 +576,35 @@ class PairRegression:
         return self.cfg.weight * (F.mse_loss(pred, target) + self.cfg.perceptual_weight * self.perceptual(pred, target))
 
 
+class SourceRegression:
+    """The regression term of `SourceRegressionConfig`: the source's one-step sample of fresh noise as target."""
+
+    def __init__(self, teacher: Teacher, cfg: SourceRegressionConfig, judge: Judge | None, seed: int) -> None:
+        from training.warm_start import load_source
+
+        self.source = load_source(cfg.source, teacher)
+        self.teacher, self.cfg = teacher, cfg
+        self.prompts = PromptSampler(seed)
+        self.perceptual = JudgePerceptual(teacher, judge or Judge.load())
+
+    def loss(self, unet: torch.nn.Module, timestep: int, rng: np.random.Generator, batch_size: int = 32) -> torch.Tensor:
+        """Weighted latent MSE + perceptual distance between the student's and the source's 1-step samples of one z."""
+        embeds = self.teacher.encode_prompts(self.prompts.draw(batch_size))
+        z = torch.from_numpy(rng.standard_normal((batch_size, *self.teacher.latent_shape), dtype=np.float32))
+        with torch.no_grad():
+            target = instaflow_one_step(self.source, z, embeds)
+        pred = one_step_sample(unet, z, embeds, self.teacher.alphas_cumprod, timestep)
+        return self.cfg.weight * (F.mse_loss(pred, target) + self.cfg.perceptual_weight * self.perceptual(pred, target))
+
+
 def leg_recipe(cfg: HyperSDRefineConfig) -> str:
     """The leg's loss terms, for its provenance: e.g. "k=1 TSCD + regression on teacher ODE pairs"."""
+    if isinstance(cfg.regression, SourceRegressionConfig):
+        regression = f"regression on {Path(cfg.regression.source).name}'s one-step samples"
+    else:
+        regression = "regression on teacher ODE pairs"
     terms = [("k=1 TSCD", bool(cfg.tscd_weight)), ("DMD on 1-step samples", cfg.matching is not None),
-             ("regression on teacher ODE pairs", cfg.regression is not None)]  # fmt: skip
+             (regression, cfg.regression is not None)]  # fmt: skip
     return " + ".join(name for name, on in terms if on)
 
 
@@ -586,7 +630,12 @@ def refine_hypersd(
         raise ValueError(f"`export_rank` {cfg.export_rank} is above the rank {base.rank} the leg trains at")
     one_step_t = cfg.one_step_timestep or int(student_cfg.timesteps.get("1", [999])[0])
     latents, labels = training_latents(teacher, cfg.latents, base.seed, run_dir / "latents", progress)
-    regression = PairRegression(teacher, cfg.regression, run_dir / "pairs", judge, progress) if cfg.regression else None
+    if isinstance(cfg.regression, SourceRegressionConfig):
+        regression = SourceRegression(teacher, cfg.regression, judge, cfg.seed)
+    elif cfg.regression is not None:
+        regression = PairRegression(teacher, cfg.regression, run_dir / "pairs", judge, progress)
+    else:
+        regression = None
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     matching = DistributionMatching(teacher, cfg.matching) if cfg.matching is not None else None
@@ -628,7 +677,9 @@ def refine_hypersd(
            "distribution_matching": config_dict(cfg.matching) if cfg.matching is not None else None, "train_seconds": round(timer.seconds),
            "commit": git_commit()}  # fmt: skip
     if regression is not None:
-        leg["regression"] = {**config_dict(cfg.regression), "pairs_seconds": round(regression.seconds)}
+        leg["regression"] = config_dict(cfg.regression)
+        if isinstance(regression, PairRegression):
+            leg["regression"]["pairs_seconds"] = round(regression.seconds)
     provenance["refinements"] = [*provenance.get("refinements", []), leg]
     # Without the TSCD term nothing holds the 2-, 4- and 8-step jumps in place, so the export serves one step only.
     served = SERVED_STEPS if cfg.tscd_weight else (1,)

@@ -29,6 +29,13 @@ def tiny_teacher_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_instaflow_dir(tmp_path_factory):
+    """A random one-step instaflow student, the source a take-over or a regression term reads its targets from."""
+    config = FlashstepConfig(family="instaflow", default_steps=1, allowed_steps=(1,), resolution=64)
+    return export_random(tmp_path_factory.mktemp("source") / "tiny-instaflow", config, ShapesArch.tiny(), seed=5)
+
+
+@pytest.fixture(scope="session")
 def random_judge():
     torch.manual_seed(0)
     return Judge().eval()

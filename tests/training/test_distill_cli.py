@@ -137,7 +137,7 @@ def test_swiftbrush_from_an_instaflow_students_start_on_the_command_line(tiny_te
         flashstep_main(["train", "swiftbrush", *common, "--prediction", "flow", "--out", str(out)])
 
 
-def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tmp_path):
+def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tiny_instaflow_dir, tmp_path):
     runs, models = str(tmp_path / "runs"), tmp_path / "models"
     common = ["--tiny", "--teacher", str(tiny_teacher_dir), "--runs", runs]
     assert flashstep_main(["train", "hypersd", *common, "--out", str(models)]) == 0
@@ -175,6 +175,14 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tmp_path)
     leg = FlashstepConfig.load(tmp_path / "plain").provenance["refinements"][-1]
     assert (leg["distribution_matching"], leg["regression"]["weight"], leg["tscd_weight"]) == (None, 1.0, 0.0)
     assert leg["recipe"] == "regression on teacher ODE pairs"
+    # Regression onto a one-step instaflow student's samples instead of teacher pairs.
+    sourced = ["--runs", str(tmp_path / "src-runs"), "--dmd-weight", "0", "--regression-source", str(tiny_instaflow_dir)]
+    assert flashstep_main([*argv[:-2], *sourced, "--regression-weight", "2", "--out", str(tmp_path / "src")]) == 0
+    leg = FlashstepConfig.load(tmp_path / "src").provenance["refinements"][-1]
+    assert (leg["regression"]["source"], leg["regression"]["weight"]) == (str(tiny_instaflow_dir), 2.0)
+    assert leg["recipe"] == "k=1 TSCD + regression on tiny-instaflow's one-step samples"
+    with pytest.raises(SystemExit, match="--regression-source replaces the teacher pairs"):
+        flashstep_main([*argv[:-2], *sourced, "--pairs", "4", "--out", str(tmp_path / "src")])
     with pytest.raises(SystemExit, match="has no loss to train on"):
         flashstep_main([*argv[:-2], "--dmd-weight", "0", "--tscd-weight", "0", "--out", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="--dmd-guidance needs a DMD term"):

@@ -16,7 +16,7 @@ from models.families.hypersd import sample_tcd
 from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
 from models.schedule import NoiseSchedule
-from training.distill import DEFAULT_TEACHER, load_teacher, unet_eps
+from training.distill import DEFAULT_TEACHER, PromptSampler, load_teacher, unet_eps
 from training.distribution_matching import DistributionMatchingConfig
 from training.hypersd import (
     LORA_WEIGHT_NAME,
@@ -24,6 +24,8 @@ from training.hypersd import (
     HyperSDTrainConfig,
     PairRegression,
     PairRegressionConfig,
+    SourceRegression,
+    SourceRegressionConfig,
     base_reference,
     ddim_jump,
     load_lora_student,
@@ -36,6 +38,7 @@ from training.hypersd import (
     stage_of,
     train_hypersd,
 )
+from training.instaflow import one_step
 
 TINY = HyperSDTrainConfig(latents=8, stage_steps=(2, 1, 1, 1), rank=4, batch_size=2, warmup=1, save_every=2)
 ATOL = 1e-4  # float32 UNet outputs of the tiny model, fused vs. PEFT-wrapped
@@ -321,6 +324,53 @@ def test_a_refinement_with_regression_records_its_pairs(tiny_teacher_dir, random
     leg = FlashstepConfig.load(tmp_path / "refined").provenance["refinements"][-1]
     assert (leg["regression"]["pairs"], leg["regression"]["weight"]) == (4, 0.25)
     assert (tmp_path / "refine" / "pairs" / "pairs_0000.safetensors").is_file()
+
+
+def test_the_source_regression_term_is_the_mse_to_the_sources_one_step_sample_of_the_same_noise(
+    tiny_teacher_dir, tiny_instaflow_dir, random_judge
+):
+    teacher = load_teacher(tiny_teacher_dir)
+    cfg = SourceRegressionConfig(str(tiny_instaflow_dir), weight=0.5, perceptual_weight=0.0)
+    regression = SourceRegression(teacher, cfg, random_judge, seed=11)
+    embeds = teacher.encode_prompts(PromptSampler(11).draw(2))
+    z = torch.from_numpy(np.random.default_rng(3).standard_normal((2, *teacher.latent_shape), dtype=np.float32))
+    with torch.no_grad():
+        want = 0.5 * F.mse_loss(one_step_sample(teacher.unet, z, embeds, teacher.alphas_cumprod, 650),
+                                one_step(regression.source, z, embeds))  # fmt: skip
+        got = regression.loss(teacher.unet, 650, np.random.default_rng(3), batch_size=2)
+    assert torch.allclose(got, want)
+    assert not any(p.requires_grad for p in regression.source.parameters())  # the target is frozen
+    with pytest.raises(ValueError, match="not a one-step instaflow student"):
+        SourceRegression(teacher, SourceRegressionConfig(str(tiny_teacher_dir)), random_judge, seed=11)
+
+
+def _source_gap(teacher, unet, source, timestep: int) -> float:
+    """Latent MSE between the LoRA's and the source's one-step samples on fixed noise and prompts."""
+    embeds = teacher.encode_prompts(["a red circle", "a blue square", "a green star", "a small yellow triangle"])
+    z = torch.randn((4, *teacher.latent_shape), generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        return F.mse_loss(one_step_sample(unet, z, embeds, teacher.alphas_cumprod, timestep), one_step(source, z, embeds)).item()
+
+
+def test_a_refinement_regressing_onto_a_source_moves_the_one_step_map_onto_it_without_pairs(
+    tiny_teacher_dir, tiny_instaflow_dir, random_judge, tmp_path
+):
+    student = tmp_path / "shapes-hypersd"
+    train_hypersd(TINY, tmp_path / "run", student, teacher_dir=tiny_teacher_dir, progress=False)
+    regression = SourceRegressionConfig(str(tiny_instaflow_dir), weight=1.0, perceptual_weight=0.0)
+    cfg = HyperSDRefineConfig(steps=25, latents=8, batch_size=4, lr=3e-3, warmup=1, save_every=25, tscd_weight=0.0,
+                              matching=None, regression=regression, one_step_timestep=650)  # fmt: skip
+    refine_hypersd(cfg, tmp_path / "refine", student, tmp_path / "refined", teacher_dir=tiny_teacher_dir,
+                   judge=random_judge, progress=False)  # fmt: skip
+    teacher = load_teacher(tiny_teacher_dir)
+    source = SourceRegression(teacher, regression, random_judge, seed=0).source
+    before = _source_gap(teacher, load_lora_student(teacher, student)[0], source, 650)
+    after = _source_gap(teacher, load_lora_student(teacher, tmp_path / "refined")[0], source, 650)
+    assert after < 0.7 * before
+    leg = FlashstepConfig.load(tmp_path / "refined").provenance["refinements"][-1]
+    assert leg["recipe"] == "regression on tiny-instaflow's one-step samples"
+    assert leg["regression"] == {"source": str(tiny_instaflow_dir), "weight": 1.0, "perceptual_weight": 0.0}
+    assert not (tmp_path / "refine" / "pairs").exists()  # no teacher pairs made
 
 
 def test_only_a_hypersd_lora_folder_can_be_refined(tiny_teacher_dir, tmp_path):

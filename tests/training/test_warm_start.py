@@ -11,22 +11,13 @@ from models.engine import Engine
 from models.families.swiftbrush import sample_swiftbrush
 from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
-from training.architecture import ShapesArch
 from training.checkpointing import TRAIN_STATE
 from training.distill import load_teacher
-from training.export import export_random
 from training.instaflow import one_step
 from training.swiftbrush import STUDENT_TIMESTEP, SwiftBrushTrainConfig, student_x0, train_swiftbrush
 from training.warm_start import WarmStartConfig, load_source, warm_start
 
 PROMPTS = ["a red circle", "a blue square", "a green star on the left", "a small yellow triangle"]
-
-
-@pytest.fixture(scope="module")
-def instaflow_dir(tmp_path_factory):
-    """A random one-step instaflow student: the machinery, not quality, is under test."""
-    config = FlashstepConfig(family="instaflow", default_steps=1, allowed_steps=(1,), resolution=64)
-    return export_random(tmp_path_factory.mktemp("source") / "tiny-instaflow", config, ShapesArch.tiny(), seed=5)
 
 
 def _x0(teacher):
@@ -48,10 +39,10 @@ def test_the_source_must_be_a_one_step_instaflow_student(tiny_teacher_dir):
         load_source(tiny_teacher_dir, teacher)
 
 
-def test_the_student_moves_onto_the_sources_map_on_fresh_noise(tiny_teacher_dir, instaflow_dir, random_judge, tmp_path):
+def test_the_student_moves_onto_the_sources_map_on_fresh_noise(tiny_teacher_dir, tiny_instaflow_dir, random_judge, tmp_path):
     teacher = load_teacher(tiny_teacher_dir)
-    source = load_source(instaflow_dir, teacher)
-    cfg = WarmStartConfig(source=str(instaflow_dir), steps=30, batch_size=4, lr=2e-3, warmup=1, ema_decay=0.0,
+    source = load_source(tiny_instaflow_dir, teacher)
+    cfg = WarmStartConfig(source=str(tiny_instaflow_dir), steps=30, batch_size=4, lr=2e-3, warmup=1, ema_decay=0.0,
                           perceptual_weight=0.1, save_every=10)  # fmt: skip
     before = _gap(teacher, load_teacher(tiny_teacher_dir).unet, source)  # the student starts as the teacher
     student, seconds = warm_start(teacher, _x0(teacher), cfg, tmp_path / "run", judge=random_judge, progress=False)
@@ -60,9 +51,9 @@ def test_the_student_moves_onto_the_sources_map_on_fresh_noise(tiny_teacher_dir,
     assert after < 0.5 * before, (before, after)
 
 
-def test_the_take_over_resumes_where_it_stopped(tiny_teacher_dir, instaflow_dir, random_judge, tmp_path):
+def test_the_take_over_resumes_where_it_stopped(tiny_teacher_dir, tiny_instaflow_dir, random_judge, tmp_path):
     teacher = load_teacher(tiny_teacher_dir)
-    cfg = WarmStartConfig(source=str(instaflow_dir), steps=3, batch_size=2, save_every=2, warmup=1)
+    cfg = WarmStartConfig(source=str(tiny_instaflow_dir), steps=3, batch_size=2, save_every=2, warmup=1)
     run = tmp_path / "run"
     warm_start(teacher, _x0(teacher), replace(cfg, steps=2), run, judge=random_judge, progress=False)
     assert (run / TRAIN_STATE).exists()
@@ -72,9 +63,9 @@ def test_the_take_over_resumes_where_it_stopped(tiny_teacher_dir, instaflow_dir,
 
 
 def test_swiftbrush_from_a_warm_start_exports_the_take_over_with_its_provenance(
-    tiny_teacher_dir, instaflow_dir, tmp_path
+    tiny_teacher_dir, tiny_instaflow_dir, tmp_path
 ):
-    start = WarmStartConfig(source=str(instaflow_dir), steps=2, batch_size=2, save_every=1, warmup=1)
+    start = WarmStartConfig(source=str(tiny_instaflow_dir), steps=2, batch_size=2, save_every=1, warmup=1)
     cfg = SwiftBrushTrainConfig(steps=0, batch_size=2, lora_rank=4, warm_start=start)
     out = tmp_path / "swiftbrush"
     report = train_swiftbrush(cfg, tmp_path / "run", out, teacher_dir=tiny_teacher_dir, progress=False)
@@ -94,14 +85,14 @@ def test_swiftbrush_from_a_warm_start_exports_the_take_over_with_its_provenance(
     assert all(torch.equal(served[k], v.half().float()) for k, v in taken_over.state_dict().items())  # stored fp16
 
 
-def test_the_anchor_is_the_mse_to_the_sources_sample_from_the_students_own_noise(tiny_teacher_dir, instaflow_dir):
+def test_the_anchor_is_the_mse_to_the_sources_sample_from_the_students_own_noise(tiny_teacher_dir, tiny_instaflow_dir):
     """DMD's regression loss beside VSD: the same z feeds the student and the source."""
     from training.swiftbrush import lora_teacher, student_vsd
 
     teacher = load_teacher(tiny_teacher_dir)
-    source = load_source(instaflow_dir, teacher)
+    source = load_source(tiny_instaflow_dir, teacher)
     cfg = SwiftBrushTrainConfig(batch_size=2, lora_rank=4, anchor_weight=0.5,
-                                warm_start=WarmStartConfig(source=str(instaflow_dir)))  # fmt: skip
+                                warm_start=WarmStartConfig(source=str(tiny_instaflow_dir)))  # fmt: skip
     guide = lora_teacher(teacher, cfg.lora_rank, cfg.lora_targets)
     gen = torch.Generator().manual_seed(7)
     z = torch.randn((2, *teacher.latent_shape), generator=torch.Generator().manual_seed(7))  # student_vsd's first draw
@@ -116,8 +107,8 @@ def test_the_anchor_is_the_mse_to_the_sources_sample_from_the_students_own_noise
         SwiftBrushTrainConfig(anchor_weight=0.5)
 
 
-def test_an_anchored_vsd_run_logs_both_losses_and_records_its_weight(tiny_teacher_dir, instaflow_dir, tmp_path):
-    start = WarmStartConfig(source=str(instaflow_dir), steps=1, batch_size=2, save_every=1, warmup=1)
+def test_an_anchored_vsd_run_logs_both_losses_and_records_its_weight(tiny_teacher_dir, tiny_instaflow_dir, tmp_path):
+    start = WarmStartConfig(source=str(tiny_instaflow_dir), steps=1, batch_size=2, save_every=1, warmup=1)
     cfg = SwiftBrushTrainConfig(steps=2, batch_size=2, lora_rank=4, save_every=2, warmup=1, anchor_weight=0.5,
                                 warm_start=start)  # fmt: skip
     out = tmp_path / "swiftbrush"
@@ -127,9 +118,9 @@ def test_an_anchored_vsd_run_logs_both_losses_and_records_its_weight(tiny_teache
     assert FlashstepConfig.load(out).provenance["anchor_weight"] == 0.5
 
 
-def test_a_flow_student_starts_from_the_sources_weights_and_is_served_with_its_map(tiny_teacher_dir, instaflow_dir, tmp_path):
+def test_a_flow_student_starts_from_the_sources_weights_and_is_served_with_its_map(tiny_teacher_dir, tiny_instaflow_dir, tmp_path):
     """SwiftBrush v2 starts from SD-Turbo's weights: with the source's own parameterisation, no regression."""
-    start = WarmStartConfig(source=str(instaflow_dir))  # its take-over steps are not used
+    start = WarmStartConfig(source=str(tiny_instaflow_dir))  # its take-over steps are not used
     cfg = SwiftBrushTrainConfig(steps=0, batch_size=2, lora_rank=4, prediction="flow", anchor_weight=0.25, warm_start=start)
     out = tmp_path / "swiftbrush"
     report = train_swiftbrush(cfg, tmp_path / "run", out, teacher_dir=tiny_teacher_dir, progress=False)
@@ -140,7 +131,7 @@ def test_a_flow_student_starts_from_the_sources_weights_and_is_served_with_its_m
     assert config.provenance["start"].startswith("tiny-instaflow's weights")
 
     teacher = load_teacher(tiny_teacher_dir)
-    source = load_source(instaflow_dir, teacher)
+    source = load_source(tiny_instaflow_dir, teacher)
     engine = Engine.load(out)
     embeds = teacher.encode_prompts(PROMPTS[:2])
     z = torch.randn((2, *teacher.latent_shape), generator=torch.Generator().manual_seed(3))
