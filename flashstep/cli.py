@@ -294,6 +294,17 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
 STEP_FIELDS = ("steps", "reflow_steps", "distill_steps", "student_steps", "stage_steps")
 
 
+def _cmd_link_weights(args: argparse.Namespace) -> int:
+    from models.registry import SHIPPED_MODELS_DIR
+    from training.shared_weights import link_identical_weights, unique_weight_bytes
+
+    root = args.root or SHIPPED_MODELS_DIR
+    for link, target in link_identical_weights(root):
+        print(f"{link.relative_to(root)} -> {target.relative_to(root)}")
+    print(f"{unique_weight_bytes(root):,} bytes of distinct weights under {root}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from training.report import REPORT_DIR, run_report
 
@@ -417,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--models-root", type=Path, default=None)
     r.add_argument("--out", default=None, help="folder for shapesbench.json/.md (default: training/reports)")
     r.set_defaults(func=_cmd_report)
+
+    w = sub.add_parser("link-weights", help="replace weight files that duplicate another (a student's copy of the teacher's VAE) by relative symlinks")
+    w.add_argument("--root", type=Path, default=None, help="models root (default: the shipped models)")
+    w.set_defaults(func=_cmd_link_weights)
 
     s = sub.add_parser("serve", help="run the HTTP server (flags: flashstep serve --help)", add_help=False)
     s.set_defaults(func=None)

@@ -11,6 +11,7 @@ from models.registry import SHIPPED_MODELS_DIR, discover, load_engine
 from training.data import render_dataset
 from training.judge import Judge
 from training.shapes import ATTRIBUTES
+from training.shared_weights import unique_weight_bytes
 
 JUDGE_MIN_ACCURACY = 0.99  # per attribute, the bar ShapesBench rests on
 SHIPPED_BUDGET_BYTES = 40 * 10**6  # every shipped checkpoint and the judge together under 40 MB
@@ -59,8 +60,16 @@ def test_nothing_pickled_ships(suffix):
 def test_shipped_weights_stay_small():
     from training.judge import JUDGE_DIR
 
-    files = [*SHIPPED_MODELS_DIR.rglob("*.safetensors"), *JUDGE_DIR.rglob("*.safetensors")]
-    assert sum(f.stat().st_size for f in files) < SHIPPED_BUDGET_BYTES
+    assert unique_weight_bytes(SHIPPED_MODELS_DIR, JUDGE_DIR) < SHIPPED_BUDGET_BYTES
+
+
+def test_shipped_links_stay_inside_the_shipped_folder():
+    """The students' VAE and text encoder are links to the teacher's (`flashstep link-weights`): each must
+    resolve to a real file inside the shipped folder, relatively, so a copy of the folder keeps them."""
+    links = [p for p in SHIPPED_MODELS_DIR.rglob("*") if p.is_symlink()]
+    for link in links:
+        assert not link.readlink().is_absolute(), link
+        assert link.resolve().is_file() and link.resolve().is_relative_to(SHIPPED_MODELS_DIR.resolve()), link
 
 
 @pytest.mark.parametrize("name", sorted(STUDENTS))
