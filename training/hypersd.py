@@ -441,6 +441,10 @@ class PairRegressionConfig:
     weight: float = 0.25
     perceptual_weight: float = 1.0
 
+    @property
+    def recipe(self) -> str:
+        return "regression on teacher ODE pairs"
+
 
 @dataclass(frozen=True)
 class SourceRegressionConfig:
@@ -456,6 +460,10 @@ class SourceRegressionConfig:
     source: str  # folder of a one-step instaflow student
     weight: float = 0.25
     perceptual_weight: float = 1.0
+
+    @property
+    def recipe(self) -> str:
+        return f"regression on {Path(self.source).name}'s one-step samples"
 
 
 @dataclass(frozen=True)
@@ -554,6 +562,13 @@ def _widened(stored: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]) ->
     return out
 
 
+def regression_loss(
+    cfg: PairRegressionConfig | SourceRegressionConfig, perceptual: JudgePerceptual, pred: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """DMD's regression loss at the term's weight: latent MSE + the judge-feature perceptual distance."""
+    return cfg.weight * (F.mse_loss(pred, target) + cfg.perceptual_weight * perceptual(pred, target))
+
+
 class PairRegression:
     """The regression term of `PairRegressionConfig`: its pairs (generated where missing) and its loss."""
 
@@ -572,8 +587,7 @@ class PairRegression:
         idx = rng.integers(0, len(self.z), min(batch_size, len(self.z)))
         embeds = self.teacher.encode_prompts([self.captions[i] for i in idx])
         pred = one_step_sample(unet, self.z[idx], embeds, self.teacher.alphas_cumprod, timestep)
-        target = self.x[idx]
-        return self.cfg.weight * (F.mse_loss(pred, target) + self.cfg.perceptual_weight * self.perceptual(pred, target))
+        return regression_loss(self.cfg, self.perceptual, pred, self.x[idx])
 
 
 class SourceRegression:
@@ -594,18 +608,15 @@ class SourceRegression:
         with torch.no_grad():
             target = instaflow_one_step(self.source, z, embeds)
         pred = one_step_sample(unet, z, embeds, self.teacher.alphas_cumprod, timestep)
-        return self.cfg.weight * (F.mse_loss(pred, target) + self.cfg.perceptual_weight * self.perceptual(pred, target))
+        return regression_loss(self.cfg, self.perceptual, pred, target)
 
 
 def leg_recipe(cfg: HyperSDRefineConfig) -> str:
     """The leg's loss terms, for its provenance: e.g. "k=1 TSCD + regression on teacher ODE pairs"."""
-    if isinstance(cfg.regression, SourceRegressionConfig):
-        regression = f"regression on {Path(cfg.regression.source).name}'s one-step samples"
-    else:
-        regression = "regression on teacher ODE pairs"
-    terms = [("k=1 TSCD", bool(cfg.tscd_weight)), ("DMD on 1-step samples", cfg.matching is not None),
-             (regression, cfg.regression is not None)]  # fmt: skip
-    return " + ".join(name for name, on in terms if on)
+    terms = ["k=1 TSCD"] if cfg.tscd_weight else []
+    terms += ["DMD on 1-step samples"] if cfg.matching is not None else []
+    terms += [cfg.regression.recipe] if cfg.regression is not None else []
+    return " + ".join(terms)
 
 
 def refine_hypersd(
