@@ -21,6 +21,7 @@ STUDENTS = {
     "shapes-instaflow": ("instaflow", 1),
     "shapes-2rf": ("instaflow", 2),
     "shapes-hypersd": ("hypersd", 2),  # 1 step is allowed; 2 is the default it draws well at
+    "shapes-hypersd-1step": ("hypersd", 1),  # Hyper-SD's one-step LoRA beside the unified one
 }
 COLOUR_PROMPTS = [f"a {c} {s}" for c, s in [("red", "circle"), ("blue", "square"), ("green", "triangle"),
                   ("yellow", "star"), ("purple", "diamond"), ("orange", "circle"), ("cyan", "star"), ("pink", "square")]]
