@@ -14,10 +14,11 @@ Dockerfile's seeding of /models); copying one linked folder out on its own break
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
+
+from models.flashstep_config import CONFIG_NAME, FlashstepConfig
 
 
 def _digest(path: Path) -> str:
@@ -29,8 +30,8 @@ def _digest(path: Path) -> str:
 
 
 def _is_teacher_file(root: Path, path: Path) -> bool:
-    config = root / path.relative_to(root).parts[0] / "flashstep.json"
-    return config.is_file() and json.loads(config.read_text()).get("family") == "teacher"
+    folder = root / path.relative_to(root).parts[0]
+    return (folder / CONFIG_NAME).is_file() and FlashstepConfig.load(folder).family == "teacher"
 
 
 def link_identical_weights(root: str | Path) -> list[tuple[Path, Path]]:
