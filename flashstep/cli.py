@@ -267,6 +267,8 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
             raise SystemExit("flashstep train hypersd-refine: --regression-source replaces the teacher pairs; drop --pairs / --pairs-from")
         reg = SourceRegressionConfig(str(args.regression_source))
         cfg = dataclasses.replace(cfg, regression=dataclasses.replace(reg, weight=args.regression_weight or reg.weight))
+    elif args.perceptual_weight is not None and not (args.pairs or args.regression_weight):
+        raise SystemExit("flashstep train hypersd-refine: --perceptual-weight weighs the regression term; add --regression-source or --pairs")
     elif args.pairs or args.regression_weight:
         reg = PairRegressionConfig(bf16=args.bf16)
         if args.tiny:
@@ -280,7 +282,9 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
         matching = None
     else:
         matching = _matching(_dmd_config(dataclasses.replace(cfg.matching, weight=weight), args), cfg.steps)
-    try:  # HyperSDRefineConfig checks the ranges and names the field
+    try:  # HyperSDRefineConfig and the regression configs check the ranges and name the field
+        if args.perceptual_weight is not None:
+            cfg = dataclasses.replace(cfg, regression=dataclasses.replace(cfg.regression, perceptual_weight=args.perceptual_weight))
         cfg = dataclasses.replace(
             cfg, one_step_timestep=args.one_step_timestep, rank=args.rank, export_rank=args.export_rank,
             tscd_weight=cfg.tscd_weight if args.tscd_weight is None else args.tscd_weight, matching=matching,
@@ -408,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--export-rank", type=int, default=None, help="hypersd-refine: store the trained LoRA at this lower rank, each layer's best approximation (SVD), e.g. train at --rank 32 and ship at 16 (default: as trained); a finished run re-exports without training again")
     t.add_argument("--regression-source", type=Path, default=None, help="hypersd-refine: regress the 1-step sample onto this one-step instaflow student's sample of the same fresh noise (InstaFlow: a reflowed map distils into one step better than the teacher's) instead of onto teacher ODE pairs")
     t.add_argument("--regression-weight", type=float, default=None, help="hypersd-refine: DMD's regression loss on teacher ODE pairs (latent MSE + judge-feature perceptual) at this weight (default 0.25 when --pairs is given; --pairs / --pairs-from / --bf16 choose and make the pairs as for instaflow-refine)")
+    t.add_argument("--perceptual-weight", type=float, default=None, help="hypersd-refine: the regression term's judge-feature perceptual loss at this weight beside its latent MSE (default 1; on the shipped one-step LoRA the two are of one size, 0.04 and 0.05)")
     t.add_argument("--colour-weight", type=float, default=None, help="instaflow-refine: weight of the perceptual loss's pooled-colour term (default 0: judge features only)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -425,6 +425,13 @@ def train_hypersd(
 # ----- score distillation for one step (Hyper-SD Sec. 3.3) -----
 
 
+def _check_weights(cfg: PairRegressionConfig | SourceRegressionConfig) -> None:
+    """A negative weight would push the 1-step sample away from its target; refuse it by name."""
+    for name in ("weight", "perceptual_weight"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"`{name}` must be >= 0 but is {getattr(cfg, name)}")
+
+
 @dataclass(frozen=True)
 class PairRegressionConfig:
     """DMD's regression loss (Yin et al. 2023, arXiv:2311.18828, Sec. 3.3) on the 1-step sample.
@@ -440,6 +447,9 @@ class PairRegressionConfig:
     bf16: bool = False  # the pairs' teacher runs under bfloat16 autocast (2.0x faster on the 2-core CPU)
     weight: float = 0.25
     perceptual_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_weights(self)
 
     @property
     def recipe(self) -> str:
@@ -460,6 +470,9 @@ class SourceRegressionConfig:
     source: str  # folder of a one-step instaflow student
     weight: float = 0.25
     perceptual_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_weights(self)
 
     @property
     def recipe(self) -> str:

@@ -177,9 +177,15 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tiny_inst
     assert leg["recipe"] == "regression on teacher ODE pairs"
     # Regression onto a one-step instaflow student's samples instead of teacher pairs.
     sourced = ["--runs", str(tmp_path / "src-runs"), "--dmd-weight", "0", "--regression-source", str(tiny_instaflow_dir)]
-    assert flashstep_main([*argv[:-2], *sourced, "--regression-weight", "2", "--out", str(tmp_path / "src")]) == 0
+    weights = ["--regression-weight", "2", "--perceptual-weight", "4"]
+    assert flashstep_main([*argv[:-2], *sourced, *weights, "--out", str(tmp_path / "src")]) == 0
     leg = FlashstepConfig.load(tmp_path / "src").provenance["refinements"][-1]
     assert (leg["regression"]["source"], leg["regression"]["weight"]) == (str(tiny_instaflow_dir), 2.0)
+    assert leg["regression"]["perceptual_weight"] == 4.0
+    with pytest.raises(SystemExit, match="`perceptual_weight` must be >= 0 but is -1"):
+        flashstep_main([*argv[:-2], *sourced, "--perceptual-weight", "-1", "--out", str(tmp_path / "src")])
+    with pytest.raises(SystemExit, match="--perceptual-weight weighs the regression term"):
+        flashstep_main([*argv, "--perceptual-weight", "4", "--out", str(tmp_path / "src")])
     assert leg["recipe"] == "k=1 TSCD + regression on tiny-instaflow's one-step samples"
     with pytest.raises(SystemExit, match="--regression-source replaces the teacher pairs"):
         flashstep_main([*argv[:-2], *sourced, "--pairs", "4", "--out", str(tmp_path / "src")])
