@@ -425,31 +425,30 @@ def train_hypersd(
 # ----- score distillation for one step (Hyper-SD Sec. 3.3) -----
 
 
-def _check_weights(cfg: PairRegressionConfig | SourceRegressionConfig) -> None:
-    """A negative weight would push the 1-step sample away from its target; refuse it by name."""
-    for name in ("weight", "perceptual_weight"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"`{name}` must be >= 0 but is {getattr(cfg, name)}")
+@dataclass(frozen=True, kw_only=True)
+class RegressionWeights:
+    """DMD's regression loss (Yin et al. 2023, arXiv:2311.18828, Sec. 3.3) on the 1-step sample, as weighed:
+    latent MSE plus the judge-feature perceptual loss, which stands in for DMD's LPIPS. DMD weighs the term
+    0.25 against distribution matching's 1. What it regresses onto is the subclass's to say."""
 
-
-@dataclass(frozen=True)
-class PairRegressionConfig:
-    """DMD's regression loss (Yin et al. 2023, arXiv:2311.18828, Sec. 3.3) on the 1-step sample.
-
-    Teacher ODE pairs (noise z and the guided teacher's DPM-Solver++ endpoint from it: the pairs
-    instaflow trains on, generated the same way and seeded by index) tie the 1-step map to the
-    teacher's own: latent MSE plus the judge-feature perceptual loss, which stands in for DMD's LPIPS.
-    DMD weighs it 0.25 against distribution matching's 1.
-    """
-
-    pairs: int = 12288
-    pair_start: int = 0
-    bf16: bool = False  # the pairs' teacher runs under bfloat16 autocast (2.0x faster on the 2-core CPU)
     weight: float = 0.25
     perceptual_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_weights(self)
+        for name in ("weight", "perceptual_weight"):  # a negative weight would push the sample away from its target
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0 but is {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class PairRegressionConfig(RegressionWeights):
+    """The regression term on teacher ODE pairs: noise z and the guided teacher's DPM-Solver++ endpoint from
+    it (the pairs instaflow trains on, generated the same way and seeded by index) tie the 1-step map to
+    the teacher's own."""
+
+    pairs: int = 12288
+    pair_start: int = 0
+    bf16: bool = False  # the pairs' teacher runs under bfloat16 autocast (2.0x faster on the 2-core CPU)
 
     @property
     def recipe(self) -> str:
@@ -457,7 +456,7 @@ class PairRegressionConfig:
 
 
 @dataclass(frozen=True)
-class SourceRegressionConfig:
+class SourceRegressionConfig(RegressionWeights):
     """The regression term with a one-step instaflow student's map as its target instead of teacher ODE pairs.
 
     InstaFlow's finding (Liu et al. 2023, arXiv:2309.06380, Sec. 3): a one-step student distils far
@@ -468,11 +467,6 @@ class SourceRegressionConfig:
     """
 
     source: str  # folder of a one-step instaflow student
-    weight: float = 0.25
-    perceptual_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_weights(self)
 
     @property
     def recipe(self) -> str:
@@ -576,7 +570,7 @@ def _widened(stored: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]) ->
 
 
 def regression_loss(
-    cfg: PairRegressionConfig | SourceRegressionConfig, perceptual: JudgePerceptual, pred: torch.Tensor, target: torch.Tensor
+    cfg: RegressionWeights, perceptual: JudgePerceptual, pred: torch.Tensor, target: torch.Tensor
 ) -> torch.Tensor:
     """DMD's regression loss at the term's weight: latent MSE + the judge-feature perceptual distance."""
     return cfg.weight * (F.mse_loss(pred, target) + cfg.perceptual_weight * perceptual(pred, target))
