@@ -137,6 +137,7 @@ def evaluate_model(opts: EvalOptions, engine=None) -> dict:
         report["adherence"] = metrics.adherence([named[i] for i in seen_idx], [judged[i] for i in seen_idx])
         report["adherence_heldout"] = metrics.adherence([named[i] for i in held_idx], [judged[i] for i in held_idx])
         report["attribute_accuracy"] = metrics.attribute_accuracy(named, judged[:n_pos])
+        report["confusions"] = metrics.confusions(named, judged[:n_pos])
 
         ref = reference_renders(positives, opts.seeds)
         ref_feats, ref_preds = judge.read(ref)
@@ -182,5 +183,8 @@ def print_report(report: dict) -> None:
     if report.get("attribute_accuracy"):
         per = ", ".join(f"{k} {v:.3f}" for k, v in report["attribute_accuracy"].items())
         print(f"{'attribute_accuracy':<{width}}  {per}")
+    for attr, misses in (report.get("confusions") or {}).items():
+        text = ", ".join(f"{a} as {b} {c}" for a, b, c in misses)
+        print(f"{'misses: ' + attr:<{width}}  {text}")
     print(f"(diversity over {report.get('diversity_pairs', 0)} prompt x left-out-attribute pairs, "
           f"{report['seeds_per_prompt']} seeds each)")

@@ -30,6 +30,26 @@ def attribute_accuracy(named: Sequence[dict[str, str]], judged: Sequence[dict[st
     return {name: float(np.mean(h)) for name, h in sorted(hits.items())}
 
 
+def confusions(
+    named: Sequence[dict[str, str]], judged: Sequence[dict[str, str]], top: int = 3
+) -> dict[str, list[tuple[str, str, int]]]:
+    """Per named attribute, its `top` most frequent misses as (named, read, count), most frequent first.
+
+    Attribute accuracy says how often a model misses an attribute; this says how: two models with the
+    same colour accuracy differ in whether they blur neighbouring hues (orange read as yellow) or draw
+    another colour outright, which calls for different fixes. Ties break by name, so the list is stable.
+    """
+    misses: dict[str, Counter] = {}
+    for n, j in zip(named, judged, strict=True):
+        for name, value in n.items():
+            if j.get(name) != value:
+                misses.setdefault(name, Counter())[(value, j.get(name, ""))] += 1
+    return {
+        name: [(a, b, c) for (a, b), c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+        for name, counts in sorted(misses.items())
+    }
+
+
 def adherence(named: Sequence[dict[str, str]], judged: Sequence[dict[str, str]]) -> float | None:
     """Fraction of images adhering to their prompt; None when there are no images."""
     if not named:

@@ -24,6 +24,24 @@ def test_attribute_accuracy_counts_each_attribute_over_the_prompts_that_name_it(
     assert metrics.attribute_accuracy([], []) == {}
 
 
+def test_confusions_rank_each_attributes_misses_by_count_and_skip_hits():
+    named = [{"color": "orange", "shape": "circle"}] * 3 + [{"color": "blue"}] * 2 + [{"color": "red"}]
+    judged = [
+        {"color": "yellow", "shape": "circle"},
+        {"color": "yellow", "shape": "square"},
+        {"color": "red", "shape": "circle"},
+        {"color": "cyan"},
+        {"color": "blue"},
+        {"color": "red"},
+    ]
+    assert metrics.confusions(named, judged) == {
+        "color": [("orange", "yellow", 2), ("blue", "cyan", 1), ("orange", "red", 1)],
+        "shape": [("circle", "square", 1)],
+    }
+    assert metrics.confusions(named, judged, top=1)["color"] == [("orange", "yellow", 2)]
+    assert metrics.confusions(named[-1:], judged[-1:]) == {}
+
+
 def test_frechet_distance_of_identical_gaussians_is_zero_and_grows_with_shift():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(4000, 6))

@@ -99,6 +99,9 @@ def test_eval_writes_every_report_key(tiny_teacher, tiny_judge, tmp_path):
                 "seconds_per_image", "n_images", "negative_efficacy"):
         assert key in report and report[key] is not None, key
     assert set(report["attribute_accuracy"]) == {"shape", "color"}  # only what the positives name
+    assert set(report["confusions"]) <= {"shape", "color"}
+    for attr, misses in report["confusions"].items():
+        assert sum(c for *_, c in misses) <= 4 * (1 - report["attribute_accuracy"][attr]) + 1e-9
     assert report["n_images"] == 2 * 2 + 2 * 2  # positives, plus negatives with and without
     assert report["unet_evals_per_image"] == 4  # 2 steps with CFG
 
