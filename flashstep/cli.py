@@ -210,12 +210,20 @@ def _matching(dm, steps: int):
     return dataclasses.replace(dm, fake_warmup=min(dm.fake_warmup, steps // 2))
 
 
+# The DMD term's own flags: (argparse dest, config field, flag as typed).
+DMD_FLAGS = (("dmd_guidance", "guidance", "--dmd-guidance"), ("fake_updates", "fake_updates", "--fake-updates"))
+
+
+def _dmd_flags_given(args: argparse.Namespace) -> list[str]:
+    """The DMD flags the command line set, as typed: each needs the DMD term on."""
+    return [flag for dest, _, flag in DMD_FLAGS if getattr(args, dest) is not None]
+
+
 def _dmd_config(dm, args: argparse.Namespace):
-    """`dm` with --dmd-guidance applied; the config checks the value and names the field."""
-    if args.dmd_guidance is None:
-        return dm
+    """`dm` with --dmd-guidance / --fake-updates applied; the config checks the values and names the field."""
+    given = {field: getattr(args, dest) for dest, field, _ in DMD_FLAGS if getattr(args, dest) is not None}
     try:
-        return dataclasses.replace(dm, guidance=args.dmd_guidance)
+        return dataclasses.replace(dm, **given)
     except ValueError as err:
         raise SystemExit(f"flashstep train {args.stage}: {err}") from err
 
@@ -240,8 +248,8 @@ def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
     if args.dmd_weight:
         dm = _matching(_dmd_config(DistributionMatchingConfig(weight=args.dmd_weight), args), cfg.distill_steps)
         cfg = dataclasses.replace(cfg, distribution_matching=dm)
-    elif args.dmd_guidance is not None:
-        raise SystemExit("flashstep train instaflow-refine: --dmd-guidance needs --dmd-weight (the DMD term is off without it)")
+    elif flags := _dmd_flags_given(args):
+        raise SystemExit(f"flashstep train instaflow-refine: {' / '.join(flags)} needs --dmd-weight (the DMD term is off without it)")
     return refine_instaflow(cfg, runs / "instaflow-refine", args.student, out, teacher_dir=teacher)
 
 
@@ -277,8 +285,8 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
         cfg = dataclasses.replace(cfg, regression=dataclasses.replace(reg, **{k: v for k, v in given.items() if v}))
     weight = cfg.matching.weight if args.dmd_weight is None else args.dmd_weight
     if weight == 0:  # DMD off: the leg is TSCD and/or regression
-        if args.dmd_guidance is not None:
-            raise SystemExit("flashstep train hypersd-refine: --dmd-guidance needs a DMD term, but --dmd-weight is 0")
+        if flags := _dmd_flags_given(args):
+            raise SystemExit(f"flashstep train hypersd-refine: {' / '.join(flags)} needs a DMD term, but --dmd-weight is 0")
         matching = None
     else:
         matching = _matching(_dmd_config(dataclasses.replace(cfg.matching, weight=weight), args), cfg.steps)
@@ -396,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--student", type=Path, default=None, help="instaflow-refine / hypersd-refine: the exported student to refine, for instaflow-refine a one-step student (more distillation) or a 2-rectified flow (more reflow); its export goes to --out, default RUNS/<stage>/<its folder name>")
     t.add_argument("--dmd-weight", type=float, default=None, help="instaflow-refine: add DMD distribution matching (real score: the teacher with CFG; fake score: a LoRA on the student's samples) at this weight beside the L2 regression; hypersd-refine: the weight of its DMD term (default 1; 0 turns it off)")
     t.add_argument("--dmd-guidance", type=float, default=None, help="instaflow-refine, hypersd-refine: the CFG scale of DMD's real score (default 4, the scale the teacher pairs are sampled at); on shapes the teacher@25 names colours best near 2 (0.96 colour accuracy at 2, 0.91 at 4, 0.86 at 8)")
+    t.add_argument("--fake-updates", type=int, default=None, help="instaflow-refine, hypersd-refine: the DMD fake score's LoRA steps per student step (default 2; DMD2's two time-scale rule uses 5, so the fake score keeps up with the student's samples)")
     t.add_argument("--pairs", type=int, default=None, help="instaflow-refine, hypersd-refine: teacher ODE pairs to train on (default 12,288; the first ones are the recipe's, missing ones are generated); for hypersd-refine, turns on the regression term")
     t.add_argument("--pairs-from", type=int, default=None, help="instaflow-refine, hypersd-refine: index of the first pair (a multiple of 128): pairs are seeded by index, so a leg can train on pairs earlier legs never saw (default 0)")
     t.add_argument("--bf16", action="store_true", help="instaflow-refine (hypersd-refine: the pairs only): teacher pairs and the student's forward passes under bfloat16 autocast (2.0x and 1.4x faster on the 2-core CPU)")

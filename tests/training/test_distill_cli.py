@@ -72,6 +72,7 @@ def test_refine_an_instaflow_student_from_the_command_line(tiny_teacher_dir, tmp
     refined = tmp_path / "refined"
     argv = ["train", "instaflow-refine", *common, "--steps", "2", "--student", str(models / "shapes-instaflow")]
     options = ["--dmd-weight", "0.5", "--dmd-guidance", "3", "--colour-weight", "5", "--pairs", "12", "--pairs-from", "8", "--lr", "3e-4"]
+    options += ["--fake-updates", "3"]
     assert flashstep_main([*argv, *options, "--bf16", "--out", str(refined)]) == 0
     assert "refine_seconds" in capsys.readouterr().out
     leg = FlashstepConfig.load(refined).provenance["refinements"][0]
@@ -81,7 +82,7 @@ def test_refine_an_instaflow_student_from_the_command_line(tiny_teacher_dir, tmp
     assert pairs == ["pairs_0002.safetensors", "pairs_0003.safetensors", "pairs_0004.safetensors"]  # 8..19, by 4
     # Distribution matching joins after a fake-score warm-up that fits inside a short run.
     assert (leg["distribution_matching"]["weight"], leg["distribution_matching"]["fake_warmup"]) == (0.5, 1)
-    assert leg["distribution_matching"]["guidance"] == 3.0
+    assert (leg["distribution_matching"]["guidance"], leg["distribution_matching"]["fake_updates"]) == (3.0, 3)
     result = load_engine(str(refined)).generate([GenerationRequest(prompt="a blue star", seed=1)])
     assert result.images[0].size == (64, 64)
 
@@ -103,6 +104,15 @@ def test_dmd_guidance_needs_the_dmd_term_and_a_scale_of_at_least_zero(tmp_path):
         flashstep_main([*argv, "--dmd-guidance", "2"])
     with pytest.raises(SystemExit, match="`guidance` \\(the real score's CFG scale\\) must be >= 0 but is -1"):
         flashstep_main([*argv, "--dmd-weight", "1", "--dmd-guidance", "-1"])
+
+
+def test_fake_updates_need_the_dmd_term_and_at_least_one_step(tmp_path):
+    for stage, off in (("instaflow-refine", "needs --dmd-weight"), ("hypersd-refine", "needs a DMD term")):
+        argv = ["train", stage, "--tiny", "--runs", str(tmp_path), "--student", str(tmp_path / "s")]
+        with pytest.raises(SystemExit, match=f"--fake-updates {off}"):
+            flashstep_main([*argv, "--dmd-weight", "0", "--fake-updates", "5"])
+        with pytest.raises(SystemExit, match=f"{stage}: fake_updates must be >= 1"):
+            flashstep_main([*argv, "--dmd-weight", "1", "--fake-updates", "0"])
 
 
 def test_swiftbrush_from_an_instaflow_students_start_on_the_command_line(tiny_teacher_dir, tmp_path):
@@ -143,9 +153,10 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tiny_inst
     assert flashstep_main(["train", "hypersd", *common, "--out", str(models)]) == 0
     refined = tmp_path / "refined"
     argv = ["train", "hypersd-refine", *common, "--student", str(models / "shapes-hypersd"), "--dmd-weight", "2"]
-    assert flashstep_main([*argv, "--dmd-guidance", "2.5", "--out", str(refined)]) == 0
+    assert flashstep_main([*argv, "--dmd-guidance", "2.5", "--fake-updates", "3", "--out", str(refined)]) == 0
     leg = FlashstepConfig.load(refined).provenance["refinements"][0]
     assert (leg["steps"], leg["distribution_matching"]["weight"], leg["distribution_matching"]["guidance"]) == (2, 2.0, 2.5)
+    assert leg["distribution_matching"]["fake_updates"] == 3
     assert leg["recipe"] == "k=1 TSCD + DMD on 1-step samples"
     at_800 = tmp_path / "at800"
     assert flashstep_main([*argv, "--one-step-timestep", "800", "--regression-weight", "1", "--out", str(at_800)]) == 0
