@@ -296,6 +296,7 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
         cfg = dataclasses.replace(
             cfg, one_step_timestep=args.one_step_timestep, rank=args.rank, export_rank=args.export_rank,
             tscd_weight=cfg.tscd_weight if args.tscd_weight is None else args.tscd_weight, matching=matching,
+            ema_decay=args.ema_decay,
         )
     except ValueError as err:
         raise SystemExit(f"flashstep train hypersd-refine: {err}") from err
@@ -419,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tscd-weight", type=float, default=None, help="hypersd-refine: weight of the k = 1 TSCD loss that keeps the multi-step jumps (default 1); 0 trains a LoRA for one step only")
     t.add_argument("--rank", type=int, default=None, help="hypersd-refine: widen the student's LoRA to this rank before training (the stored update kept exactly; default: its own rank)")
     t.add_argument("--export-rank", type=int, default=None, help="hypersd-refine: store the trained LoRA at this lower rank, each layer's best approximation (SVD), e.g. train at --rank 32 and ship at 16 (default: as trained); a finished run re-exports without training again")
+    t.add_argument("--ema-decay", type=float, default=None, help="hypersd-refine: export an exponential moving average of the LoRA at this decay (e.g. 0.995, a ~200-step window) instead of its last weights (default: the last weights)")
     t.add_argument("--regression-source", type=Path, default=None, help="hypersd-refine: regress the 1-step sample onto this one-step instaflow student's sample of the same fresh noise (InstaFlow: a reflowed map distils into one step better than the teacher's) instead of onto teacher ODE pairs")
     t.add_argument("--regression-weight", type=float, default=None, help="hypersd-refine: DMD's regression loss on teacher ODE pairs (latent MSE + judge-feature perceptual) at this weight (default 0.25 when --pairs is given; --pairs / --pairs-from / --bf16 choose and make the pairs as for instaflow-refine)")
     t.add_argument("--perceptual-weight", type=float, default=None, help="hypersd-refine: the regression term's judge-feature perceptual loss at this weight beside its latent MSE (default 1; on the shipped one-step LoRA the two are of one size, 0.04 and 0.05)")

@@ -153,10 +153,11 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tiny_inst
     assert flashstep_main(["train", "hypersd", *common, "--out", str(models)]) == 0
     refined = tmp_path / "refined"
     argv = ["train", "hypersd-refine", *common, "--student", str(models / "shapes-hypersd"), "--dmd-weight", "2"]
-    assert flashstep_main([*argv, "--dmd-guidance", "2.5", "--fake-updates", "3", "--out", str(refined)]) == 0
+    flags = ["--dmd-guidance", "2.5", "--fake-updates", "3", "--ema-decay", "0.99"]
+    assert flashstep_main([*argv, *flags, "--out", str(refined)]) == 0
     leg = FlashstepConfig.load(refined).provenance["refinements"][0]
     assert (leg["steps"], leg["distribution_matching"]["weight"], leg["distribution_matching"]["guidance"]) == (2, 2.0, 2.5)
-    assert leg["distribution_matching"]["fake_updates"] == 3
+    assert (leg["distribution_matching"]["fake_updates"], leg["ema_decay"]) == (3, 0.99)
     assert leg["recipe"] == "k=1 TSCD + DMD on 1-step samples"
     at_800 = tmp_path / "at800"
     assert flashstep_main([*argv, "--one-step-timestep", "800", "--regression-weight", "1", "--out", str(at_800)]) == 0
@@ -206,6 +207,8 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tiny_inst
         flashstep_main([*argv[:-2], "--dmd-weight", "0", "--dmd-guidance", "2", "--out", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="`tscd_weight` must be >= 0 but is -1"):
         flashstep_main([*argv, "--tscd-weight", "-1", "--out", str(tmp_path / "one")])
+    with pytest.raises(SystemExit, match="`ema_decay` must be in \\(0, 1\\) but is 1.0"):
+        flashstep_main([*argv, "--ema-decay", "1", "--out", str(tmp_path / "one")])
     with pytest.raises(SystemExit, match="`rank` must be a positive integer but is 0"):
         flashstep_main([*argv, "--rank", "0", "--out", str(tmp_path / "wide")])
     result = load_engine(str(refined)).generate([GenerationRequest(prompt="a blue star", seed=1, num_inference_steps=1)])

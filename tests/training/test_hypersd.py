@@ -16,6 +16,7 @@ from models.families.hypersd import sample_tcd
 from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
 from models.schedule import NoiseSchedule
+from training.checkpointing import TRAIN_STATE
 from training.distill import DEFAULT_TEACHER, PromptSampler, load_teacher, unet_eps
 from training.distribution_matching import DistributionMatchingConfig
 from training.hypersd import (
@@ -227,6 +228,35 @@ def test_a_refinement_can_move_the_one_step_timestep_and_the_export_serves_one_s
     refine_hypersd(again, tmp_path / "refine2", tmp_path / "refined", tmp_path / "refined2", teacher_dir=tiny_teacher_dir,
                    progress=False)  # fmt: skip
     assert FlashstepConfig.load(tmp_path / "refined2").timesteps["1"] == [800]
+
+
+def test_a_leg_with_an_ema_exports_the_lora_average_its_train_state_keeps_not_the_last_weights(tiny_teacher_dir, tmp_path):
+    student = tmp_path / "shapes-hypersd"
+    train_hypersd(TINY, tmp_path / "run", student, teacher_dir=tiny_teacher_dir, progress=False)
+    cfg = HyperSDRefineConfig(steps=3, latents=8, batch_size=2, save_every=1, lr=1e-2, warmup=1, ema_decay=0.9,
+                              matching=DistributionMatchingConfig(fake_warmup=1, lora_rank=4))  # fmt: skip
+    refine_hypersd(cfg, tmp_path / "refine", student, tmp_path / "refined", teacher_dir=tiny_teacher_dir, progress=False)
+
+    state = load_file(str(tmp_path / "refine" / "refine" / TRAIN_STATE))
+    exported = load_file(str(tmp_path / "refined" / LORA_WEIGHT_NAME))
+
+    def stored(module: str) -> dict[str, torch.Tensor]:
+        """The train state's copy of one module, under the LoRA file's key names (fp16, as exported)."""
+        prefix = f"module.{module}."
+        return {"unet." + k[len(prefix):].replace("__", ".").replace(".default", ""): v.half()
+                for k, v in state.items() if k.startswith(prefix)}  # fmt: skip
+
+    average, last = stored("ema"), stored("lora")
+    assert average.keys() == exported.keys() == last.keys()
+    assert all(torch.equal(exported[k], average[k]) for k in exported)
+    assert any(not torch.equal(exported[k], last[k]) for k in exported)
+    assert FlashstepConfig.load(tmp_path / "refined").provenance["refinements"][-1]["ema_decay"] == 0.9
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, -0.5])
+def test_an_ema_decay_outside_zero_to_one_is_refused_by_name(decay):
+    with pytest.raises(ValueError, match="ema_decay"):
+        HyperSDRefineConfig(ema_decay=decay)
 
 
 def test_widening_a_lora_keeps_what_it_computes_and_a_widened_refinement_exports_the_new_rank(tiny_teacher_dir, tmp_path):
