@@ -506,6 +506,8 @@ class HyperSDRefineConfig:
     # Export an exponential moving average of the LoRA instead of its last weights; None exports them as trained.
     # The thought: each DMD / regression leg from the shipped one-step LoRA ended within +-0.01 of it, the size
     # of one leg's step-to-step wander, and an average over the last ~1 / (1 - decay) steps removes that wander.
+    # No warm-up (`EMA`'s cap would hold any leg under 1,790 steps near 0.99 whatever the decay), so the
+    # average starts at the student's LoRA and weighs it decay ** steps at the end.
     ema_decay: float | None = None
     save_every: int = 100
     seed: int = 9500
@@ -665,7 +667,7 @@ def refine_hypersd(
     matching = DistributionMatching(teacher, cfg.matching) if cfg.matching is not None else None
     extra_modules, extra_opts = matching.state() if matching is not None else ({}, {})
     lora = lora_weights(unet)
-    ema = EMA(lora, cfg.ema_decay) if cfg.ema_decay is not None else None
+    ema = EMA(lora, cfg.ema_decay, warmup=False) if cfg.ema_decay is not None else None  # the LoRA starts trained
     modules = {"lora": lora, **({"ema": ema.module} if ema is not None else {}), **extra_modules}
     optimizers = {"lora": opt, **extra_opts}
     state_dir = run_dir / "refine"
