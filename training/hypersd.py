@@ -86,6 +86,7 @@ from training.instaflow import one_step as instaflow_one_step
 from training.judge import Judge
 from training.swiftbrush import lora_weights
 from training.teacher import captions_for_labels, encode_latents
+from training.teacher_refinement import TeacherRefinement, refine_with_teacher
 
 # Diffusers' default LoRA file name: `pipe.load_lora_weights(folder)` finds it without `weight_name`.
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -464,13 +465,17 @@ class SourceRegressionConfig(RegressionWeights):
     map is harder to fit in one step. The shipped `shapes-instaflow` is that map already distilled, so
     its sample of fresh noise is the target: one UNet call per sample, never repeating (the take-over
     `training.warm_start` uses), with the same latent MSE + judge-feature perceptual loss as the pairs.
+    With `refine`, the teacher touches each target up first (`training.teacher_refinement`): the LoRA
+    had levelled off ~0.05 below its source, so a source nearer the teacher raises what it levels at.
     """
 
     source: str  # folder of a one-step instaflow student
+    refine: TeacherRefinement | None = None  # None: the source's sample as it is
 
     @property
     def recipe(self) -> str:
-        return f"regression on {Path(self.source).name}'s one-step samples"
+        refined = f", {self.refine.recipe}" if self.refine is not None else ""
+        return f"regression on {Path(self.source).name}'s one-step samples{refined}"
 
 
 @dataclass(frozen=True)
@@ -622,6 +627,8 @@ class SourceRegression:
         z = torch.from_numpy(rng.standard_normal((batch_size, *self.teacher.latent_shape), dtype=np.float32))
         with torch.no_grad():
             target = instaflow_one_step(self.source, z, embeds)
+        if self.cfg.refine is not None:
+            target = refine_with_teacher(self.teacher, target, z, embeds, self.cfg.refine)
         pred = one_step_sample(unet, z, embeds, self.teacher.alphas_cumprod, timestep)
         return regression_loss(self.cfg, self.perceptual, pred, target)
 

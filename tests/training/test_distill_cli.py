@@ -199,6 +199,17 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tiny_inst
     with pytest.raises(SystemExit, match="--perceptual-weight weighs the regression term"):
         flashstep_main([*argv, "--perceptual-weight", "4", "--out", str(tmp_path / "src")])
     assert leg["recipe"] == "k=1 TSCD + regression on tiny-instaflow's one-step samples"
+    # The source's samples touched up by the teacher before the regression takes them as targets.
+    refined_src = ["--source-refine-from", "300", "--source-refine-steps", "2", "--source-refine-guidance", "2"]
+    fresh = ["--runs", str(tmp_path / "src-refined-runs"), *sourced[2:]]  # a finished run dir would only re-export
+    assert flashstep_main([*argv[:-2], *fresh, *refined_src, "--out", str(tmp_path / "src-refined")]) == 0
+    leg = FlashstepConfig.load(tmp_path / "src-refined").provenance["refinements"][-1]
+    assert leg["regression"]["refine"] == {"timestep": 300, "steps": 2, "guidance": 2.0}
+    assert leg["recipe"].endswith("one-step samples, refined by the teacher (t=300, 2 DDIM steps, CFG 2)")
+    with pytest.raises(SystemExit, match="`steps` must be in \\[1, timestep=300\\] but is 0"):
+        flashstep_main([*argv[:-2], *sourced, "--source-refine-steps", "0", "--out", str(tmp_path / "src-refined")])
+    with pytest.raises(SystemExit, match="--source-refine-from refines the --regression-source's samples"):
+        flashstep_main([*argv, "--source-refine-from", "300", "--out", str(tmp_path / "src-refined")])
     with pytest.raises(SystemExit, match="--regression-source replaces the teacher pairs"):
         flashstep_main([*argv[:-2], *sourced, "--pairs", "4", "--out", str(tmp_path / "src")])
     with pytest.raises(SystemExit, match="has no loss to train on"):

@@ -1,0 +1,69 @@
+"""A one-step sample touched up by the teacher: re-noised with its own noise, then a few guided DDIM steps.
+
+The one-step LoRA learns by regression onto a one-step source's map (`SourceRegressionConfig`), and
+it lands about 0.05 of adherence below its source: the target's own errors (neighbouring hues,
+circles drawn as squares) become the LoRA's. SDEdit (Meng et al. 2022, arXiv:2108.01073) shows a
+sample noised part-way and denoised again keeps its layout and takes the denoiser's detail; here the
+denoiser is the guided teacher at the scale it names colours best. The re-noising reuses the very
+noise z the source started from, so the refined target stays a deterministic function of z, as the
+regression needs: one z, one target, the same map a LoRA can fit, only with the teacher's colours.
+
+On ShapesBench (8 seeds, `shapes-instaflow` as the source) seen adherence goes 0.875 -> 0.931 at
+t = 300, 2 steps, CFG 2 (colour read as named 0.864 -> 0.936), for 4 extra teacher evaluations per
+target; 1 step from 200 gives 0.910, from 400 0.777 (too much noise for one step to remove).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from training.distill import Teacher, cfg_eps
+
+
+@dataclass(frozen=True)
+class TeacherRefinement:
+    """Where the source's sample is re-noised to, how many teacher DDIM steps take it back, at what CFG."""
+
+    timestep: int = 300
+    steps: int = 2
+    guidance: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.timestep <= 999:
+            raise ValueError(f"`timestep` must be in [1, 999] but is {self.timestep}")
+        if not 1 <= self.steps <= self.timestep:
+            raise ValueError(f"`steps` must be in [1, timestep={self.timestep}] but is {self.steps}")
+        if self.guidance < 0:
+            raise ValueError(f"`guidance` must be >= 0 but is {self.guidance}")
+
+    @property
+    def recipe(self) -> str:
+        return f"refined by the teacher (t={self.timestep}, {self.steps} DDIM steps, CFG {self.guidance:g})"
+
+    def timesteps(self) -> list[int]:
+        """The DDIM grid from `timestep` down to 0, evenly spaced: e.g. [300, 150, 0]."""
+        return [int(t) for t in np.linspace(self.timestep, 0, self.steps + 1).round()]
+
+
+@torch.no_grad()
+def refine_with_teacher(
+    teacher: Teacher, x0: torch.Tensor, z: torch.Tensor, cond: torch.Tensor, cfg: TeacherRefinement
+) -> torch.Tensor:
+    """x0 re-noised to `cfg.timestep` with z, then the guided teacher's deterministic DDIM to its x0 prediction.
+
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) z; each step predicts x0 from eps and jumps to the next grid
+    point (DDIM, Song et al. 2021, eq. 12, sigma = 0); the last returns the x0 prediction itself.
+    """
+    abar = teacher.alphas_cumprod
+    uncond = teacher.encode_prompts([""]).expand(len(z), -1, -1)
+    grid = cfg.timesteps()
+    x = abar[grid[0]].sqrt() * x0 + (1 - abar[grid[0]]).sqrt() * z
+    for t, s in zip(grid[:-1], grid[1:], strict=True):
+        eps = cfg_eps(teacher.unet, x, torch.full((len(z),), t), cond, uncond, cfg.guidance)
+        x = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+        if s > 0:
+            x = abar[s].sqrt() * x + (1 - abar[s]).sqrt() * eps
+    return x
