@@ -40,6 +40,7 @@ from training.hypersd import (
     train_hypersd,
 )
 from training.instaflow import one_step
+from training.teacher_refinement import TeacherRefinement, refine_with_teacher
 
 TINY = HyperSDTrainConfig(latents=8, stage_steps=(2, 1, 1, 1), rank=4, batch_size=2, warmup=1, save_every=2)
 ATOL = 1e-4  # float32 UNet outputs of the tiny model, fused vs. PEFT-wrapped
@@ -374,6 +375,25 @@ def test_the_source_regression_term_is_the_mse_to_the_sources_one_step_sample_of
         SourceRegression(teacher, SourceRegressionConfig(str(tiny_teacher_dir)), random_judge, seed=11)
 
 
+def test_with_a_teacher_refinement_the_target_is_the_sources_sample_touched_up_by_the_teacher(
+    tiny_teacher_dir, tiny_instaflow_dir, random_judge
+):
+    teacher = load_teacher(tiny_teacher_dir)
+    refine = TeacherRefinement(timestep=300, steps=2, guidance=2.0)
+    cfg = SourceRegressionConfig(str(tiny_instaflow_dir), weight=0.5, perceptual_weight=0.0, refine=refine)
+    regression = SourceRegression(teacher, cfg, random_judge, seed=11)
+    embeds = teacher.encode_prompts(PromptSampler(11).draw(2))
+    z = torch.from_numpy(np.random.default_rng(3).standard_normal((2, *teacher.latent_shape), dtype=np.float32))
+    with torch.no_grad():
+        raw = one_step(regression.source, z, embeds)
+        target = refine_with_teacher(teacher, raw, z, embeds, refine)
+        pred = one_step_sample(teacher.unet, z, embeds, teacher.alphas_cumprod, 650)
+        got = regression.loss(teacher.unet, 650, np.random.default_rng(3), batch_size=2)
+    assert torch.allclose(got, 0.5 * F.mse_loss(pred, target))
+    assert not torch.allclose(got, 0.5 * F.mse_loss(pred, raw))  # the touch-up changed the target
+    assert cfg.recipe == "regression on tiny-instaflow's one-step samples, refined by the teacher (t=300, 2 DDIM steps, CFG 2)"
+
+
 def _source_gap(teacher, unet, source, timestep: int) -> float:
     """Latent MSE between the LoRA's and the source's one-step samples on fixed noise and prompts."""
     embeds = teacher.encode_prompts(["a red circle", "a blue square", "a green star", "a small yellow triangle"])
@@ -399,7 +419,7 @@ def test_a_refinement_regressing_onto_a_source_moves_the_one_step_map_onto_it_wi
     assert after < 0.7 * before
     leg = FlashstepConfig.load(tmp_path / "refined").provenance["refinements"][-1]
     assert leg["recipe"] == "regression on tiny-instaflow's one-step samples"
-    assert leg["regression"] == {"source": str(tiny_instaflow_dir), "weight": 1.0, "perceptual_weight": 0.0}
+    assert leg["regression"] == {"source": str(tiny_instaflow_dir), "weight": 1.0, "perceptual_weight": 0.0, "refine": None}
     assert not (tmp_path / "refine" / "pairs").exists()  # no teacher pairs made
 
 
