@@ -130,6 +130,17 @@ def cfg_eps(
     return e_u + w * (e_c - e_u)
 
 
+def ddim_jump(x: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor, abar_s: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM from t to s (Song et al. 2021, eq. 12, sigma = 0), abar per sample (B,).
+
+    x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t); x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps.
+    With s = 0 it is the x0 prediction at abar_0, as the served TCD sampler's last step.
+    """
+    a_t, a_s = abar_t.view(-1, 1, 1, 1), abar_s.view(-1, 1, 1, 1)
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+
+
 def student_unet(teacher: Teacher) -> UNet2DConditionModel:
     """A trainable float32 copy of the teacher's UNet: every student starts from the teacher."""
     import copy

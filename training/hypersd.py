@@ -72,6 +72,7 @@ from training.distill import (
     Teacher,
     Timer,
     cfg_eps,
+    ddim_jump,
     load_teacher,
     lr_at,
     optimizer_step,
@@ -163,17 +164,6 @@ def solver_timesteps(solver_steps: int, num_train_timesteps: int = 1000) -> torc
     """The teacher's DDIM grid t_n = n T/N - 1, n = 1..N (19, 39, ..., 999 for N = 50), as in LCM/TCD."""
     step = num_train_timesteps // solver_steps
     return torch.arange(1, solver_steps + 1, dtype=torch.long) * step - 1
-
-
-def ddim_jump(x: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor, abar_s: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM from t to s (Song et al. 2021, eq. 12, sigma = 0), abar per sample (B,).
-
-    x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t); x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps.
-    With s = 0 it is the x0 prediction at abar_0, as the served TCD sampler's last step.
-    """
-    a_t, a_s = abar_t.view(-1, 1, 1, 1), abar_s.view(-1, 1, 1, 1)
-    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
 
 
 def tscd_loss(

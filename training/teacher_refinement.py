@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training.distill import Teacher, cfg_eps
+from training.distill import Teacher, cfg_eps, ddim_jump
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,13 @@ def refine_with_teacher(
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) z; each step predicts x0 from eps and jumps to the next grid
     point (DDIM, Song et al. 2021, eq. 12, sigma = 0); the last returns the x0 prediction itself.
     """
+    n = len(z)
     abar = teacher.alphas_cumprod
-    uncond = teacher.encode_prompts([""]).expand(len(z), -1, -1)
+    uncond = teacher.encode_prompts([""]).expand(n, -1, -1)
     grid = cfg.timesteps()
     x = abar[grid[0]].sqrt() * x0 + (1 - abar[grid[0]]).sqrt() * z
     for t, s in zip(grid[:-1], grid[1:], strict=True):
-        eps = cfg_eps(teacher.unet, x, torch.full((len(z),), t), cond, uncond, cfg.guidance)
-        x = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
-        if s > 0:
-            x = abar[s].sqrt() * x + (1 - abar[s]).sqrt() * eps
+        eps = cfg_eps(teacher.unet, x, torch.full((n,), t), cond, uncond, cfg.guidance)
+        landing = abar[s] if s > 0 else torch.ones(())  # abar = 1: the last jump lands on the x0 prediction
+        x = ddim_jump(x, eps, abar[t].expand(n), landing.expand(n))
     return x

@@ -17,7 +17,7 @@ from models.flashstep_config import FlashstepConfig
 from models.outputs import GenerationRequest
 from models.schedule import NoiseSchedule
 from training.checkpointing import TRAIN_STATE
-from training.distill import DEFAULT_TEACHER, PromptSampler, load_teacher, unet_eps
+from training.distill import DEFAULT_TEACHER, PromptSampler, ddim_jump, load_teacher, unet_eps
 from training.distribution_matching import DistributionMatchingConfig
 from training.hypersd import (
     LORA_WEIGHT_NAME,
@@ -28,7 +28,6 @@ from training.hypersd import (
     SourceRegression,
     SourceRegressionConfig,
     base_reference,
-    ddim_jump,
     load_lora_student,
     low_rank_lora,
     one_step_sample,
