@@ -245,6 +245,14 @@ def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
         "bf16": args.bf16,
     }  # fmt: skip
     cfg = dataclasses.replace(cfg, **{field: value for field, value in given.items() if value})
+    try:
+        refine = _teacher_refinement(args)
+    except ValueError as err:
+        raise SystemExit(f"flashstep train instaflow-refine: {err}") from err
+    if refine is not None:
+        if args.pairs or args.pairs_from:
+            raise SystemExit("flashstep train instaflow-refine: --source-refine-* trains on the student's own refined samples of fresh noise, not on teacher pairs; drop --pairs / --pairs-from")
+        cfg = dataclasses.replace(cfg, self_refine=refine)
     if args.dmd_weight:
         dm = _matching(_dmd_config(DistributionMatchingConfig(weight=args.dmd_weight), args), cfg.distill_steps)
         cfg = dataclasses.replace(cfg, distribution_matching=dm)
@@ -443,9 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--export-rank", type=int, default=None, help="hypersd-refine: store the trained LoRA at this lower rank, each layer's best approximation (SVD), e.g. train at --rank 32 and ship at 16 (default: as trained); a finished run re-exports without training again")
     t.add_argument("--ema-decay", type=float, default=None, help="hypersd-refine: export an exponential moving average of the LoRA at this decay (e.g. 0.995, a ~200-step window) instead of its last weights (default: the last weights)")
     t.add_argument("--regression-source", type=Path, default=None, help="hypersd-refine: regress the 1-step sample onto this one-step instaflow student's sample of the same fresh noise (InstaFlow: a reflowed map distils into one step better than the teacher's) instead of onto teacher ODE pairs")
-    t.add_argument("--source-refine-from", type=int, default=None, help="hypersd-refine with --regression-source: re-noise each source sample to this timestep with its own noise and let the teacher take it back (SDEdit), so the target draws the teacher's colours on the source's map (default when any --source-refine-* flag is given: 300)")
-    t.add_argument("--source-refine-steps", type=int, default=None, help="hypersd-refine with --regression-source: the teacher's DDIM steps from --source-refine-from to 0 (default 2)")
-    t.add_argument("--source-refine-guidance", type=float, default=None, help="hypersd-refine with --regression-source: the teacher's CFG scale in that refinement (default 2, the scale it names colours best at)")
+    t.add_argument("--source-refine-from", type=int, default=None, help="hypersd-refine with --regression-source: re-noise each source sample to this timestep with its own noise and let the teacher take it back (SDEdit), so the target draws the teacher's colours on the source's map; instaflow-refine: the one-step student trains on fresh noise toward its own sample refined so, with no teacher pairs (default when any --source-refine-* flag is given: 300)")
+    t.add_argument("--source-refine-steps", type=int, default=None, help="hypersd-refine with --regression-source, instaflow-refine: the teacher's DDIM steps from --source-refine-from to 0 (default 2)")
+    t.add_argument("--source-refine-guidance", type=float, default=None, help="hypersd-refine with --regression-source, instaflow-refine: the teacher's CFG scale in that refinement (default 2, the scale it names colours best at)")
     t.add_argument("--regression-weight", type=float, default=None, help="hypersd-refine: DMD's regression loss on teacher ODE pairs (latent MSE + judge-feature perceptual) at this weight (default 0.25 when --pairs is given; --pairs / --pairs-from / --bf16 choose and make the pairs as for instaflow-refine)")
     t.add_argument("--perceptual-weight", type=float, default=None, help="hypersd-refine: the regression term's judge-feature perceptual loss at this weight beside its latent MSE (default 1; on the shipped one-step LoRA the two are of one size, 0.04 and 0.05)")
     t.add_argument("--colour-weight", type=float, default=None, help="instaflow-refine: weight of the perceptual loss's pooled-colour term (default 0: judge features only)")

@@ -20,12 +20,21 @@ of the run:
 exported one-step student: more steps on more teacher pairs (the recipe's pairs first, same
 seeds), at a lower learning rate, with the perceptual loss throughout. The student's provenance
 gains one entry per refinement.
+
+With `self_refine` a one-step student trains on fresh noise with no pairs at all: its target is its
+own sample of that noise, touched up by the guided teacher (`training.teacher_refinement`). A pair
+costs 30 teacher evaluations (15 solver steps with CFG) and the shipped student needed 196,608 of
+them, because it fits a fixed set of pairs' noises far better than new noise; a refined target
+costs 4 and is never the same noise twice. The recipe's student reads 0.69 seen adherence and its
+samples refined from t = 300 in 2 steps 0.88 (4 seeds): the target leads the student, and follows
+it as it improves.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -58,6 +67,7 @@ from training.distill import (
 from training.distribution_matching import DistributionMatching, DistributionMatchingConfig
 from training.export import git_commit
 from training.judge import Judge
+from training.teacher_refinement import TeacherRefinement, refine_with_teacher
 
 NOISE_TIMESTEP = float(FLOW_NOISE_TIMESTEP)
 
@@ -90,6 +100,9 @@ class InstaFlowTrainConfig:
     seed: int = 7000
     # Stage 3 only: a DMD distribution-matching term beside the regression (None: regression alone).
     distribution_matching: DistributionMatchingConfig | None = None
+    # Refinement of a one-step student only: regress onto its own sample of fresh noise as the teacher
+    # refines it, instead of onto teacher pairs (None: the pairs).
+    self_refine: TeacherRefinement | None = None
 
 
 # Refinement of an exported student: twice the recipe's pairs, half its learning rate, a short warmup.
@@ -197,11 +210,36 @@ def _embed(teacher: Teacher, captions: list[str], rng: np.random.Generator, drop
     return teacher.encode_prompts(["" if rng.random() < dropout else c for c in captions])
 
 
+# A batch source: (numpy rng, torch generator) -> (noise z, target x or None, captions).
+Batches = Callable[[np.random.Generator, torch.Generator], tuple[torch.Tensor, torch.Tensor | None, list[str]]]
+
+
+def pair_batches(pairs: tuple[torch.Tensor, torch.Tensor, list[str]], batch_size: int) -> Batches:
+    """Batches of teacher pairs, drawn with replacement."""
+    z_all, x_all, captions = pairs
+
+    def draw(rng: np.random.Generator, gen: torch.Generator):
+        idx = rng.integers(0, len(z_all), batch_size)
+        return z_all[idx], x_all[idx], [captions[i] for i in idx]
+
+    return draw
+
+
+def fresh_batches(teacher: Teacher, batch_size: int) -> Batches:
+    """Fresh noise and fresh training captions every step, with no target: the loss makes its own."""
+
+    def draw(rng: np.random.Generator, gen: torch.Generator):
+        captions = PromptSampler(int(rng.integers(0, 2**31 - 1))).draw(batch_size)
+        return torch.randn((batch_size, *teacher.latent_shape), generator=gen), None, captions
+
+    return draw
+
+
 def _train_stage(
     name: str,
     teacher: Teacher,
     init: torch.nn.Module,
-    pairs: tuple[torch.Tensor, torch.Tensor, list[str]],
+    batches: Batches,
     cfg: InstaFlowTrainConfig,
     steps: int,
     run_dir: Path,
@@ -209,7 +247,7 @@ def _train_stage(
     progress: bool,
     extra_state: tuple[dict, dict] = ({}, {}),
 ) -> tuple[torch.nn.Module, float]:
-    """The loop both stages share: sample a pair batch, loss_fn(unet, z, x, embeds, step, gen), AdamW, EMA.
+    """The loop every stage shares: draw a batch, loss_fn(unet, z, x, embeds, step, gen), AdamW, EMA.
 
     `extra_state` (modules, optimizers) the loss trains itself are saved and resumed with the UNet's.
     """
@@ -220,17 +258,16 @@ def _train_stage(
     optimizers = {"unet": opt, **extra_state[1]}
     start = load_train_state(run_dir, modules, optimizers) or 0
     timer = Timer(run_dir)
-    z_all, x_all, captions = pairs
     rng = np.random.default_rng(cfg.seed + start + zlib.crc32(name.encode()) % 1000)
     gen = torch.Generator().manual_seed(cfg.seed + start)
     bar = tqdm(range(start, steps), desc=name, disable=not progress, mininterval=5.0, initial=start, total=steps)
     loss = torch.tensor(float("nan"))
     for step in bar:
         set_lr(opt, lr_at(step, steps, cfg.lr, cfg.warmup))
-        idx = rng.integers(0, len(z_all), cfg.batch_size)
-        embeds = _embed(teacher, [captions[i] for i in idx], rng, cfg.cond_dropout)
+        z, x, captions = batches(rng, gen)
+        embeds = _embed(teacher, captions, rng, cfg.cond_dropout)
         with autocast(unet, cfg.bf16):
-            loss = loss_fn(unet, z_all[idx], x_all[idx], embeds, step, gen)
+            loss = loss_fn(unet, z, x, embeds, step, gen)
         optimizer_step(opt, loss, unet.parameters())
         ema.update(unet, step)
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -274,8 +311,16 @@ class JudgePerceptual:
         return loss
 
 
-def one_step_loss(cfg: InstaFlowTrainConfig, perceptual: JudgePerceptual, matching: DistributionMatching | None = None):
+def one_step_loss(
+    cfg: InstaFlowTrainConfig,
+    perceptual: JudgePerceptual,
+    matching: DistributionMatching | None = None,
+    teacher: Teacher | None = None,
+):
     """Stage 3's loss: L2 to the pair's latent, plus the perceptual loss in the last `perceptual_steps`.
+
+    A batch with no pair latent (`fresh_batches`) takes `cfg.self_refine` of the student's own
+    sample as its target: `teacher` re-noises it with the same z and takes it back (no gradient).
 
     With `matching`, the DMD term joins once its fake score has warmed up, on samples from fresh
     noise (same captions): the pairs' noises are a fixed set the student fits far better than new
@@ -286,6 +331,10 @@ def one_step_loss(cfg: InstaFlowTrainConfig, perceptual: JudgePerceptual, matchi
 
     def loss(unet, z, x, embeds, step, gen):
         pred = one_step(unet, z, embeds)
+        if x is None:
+            if teacher is None or cfg.self_refine is None:
+                raise ValueError("a batch without pair latents needs `self_refine` and the teacher to make its targets")
+            x = refine_with_teacher(teacher, pred.detach(), z, embeds, cfg.self_refine).float()
         value = F.mse_loss(pred, x)
         if step >= perceptual_from:
             value = value + cfg.perceptual_weight * perceptual(pred, x)
@@ -313,8 +362,9 @@ def train_instaflow(
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(teacher_dir)
     pairs, pairs_seconds = _pairs(teacher, cfg, run_dir / "pairs", progress)
+    batches = pair_batches(pairs, cfg.batch_size)
     rf2, reflow_seconds = _train_stage(
-        "reflow", teacher, student_unet(teacher), pairs, cfg, cfg.reflow_steps, run_dir / "reflow", reflow_loss, progress
+        "reflow", teacher, student_unet(teacher), batches, cfg, cfg.reflow_steps, run_dir / "reflow", reflow_loss, progress
     )
 
     distill_loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load(), cfg.colour_weight))
@@ -322,7 +372,7 @@ def train_instaflow(
     init = student_unet(teacher)
     init.load_state_dict(rf2.state_dict())
     one, distill_seconds = _train_stage(
-        "distill", teacher, init, pairs, cfg, cfg.distill_steps, run_dir / "distill", distill_loss, progress
+        "distill", teacher, init, batches, cfg, cfg.distill_steps, run_dir / "distill", distill_loss, progress
     )
 
     report = {
@@ -411,32 +461,41 @@ def refine_instaflow(
     A one-step student continues its distillation for `cfg.distill_steps` steps: L2 plus the judge
     perceptual loss from step `distill_steps - perceptual_steps` on (and DMD with
     `distribution_matching`). A multi-step student (the 2-rectified flow) continues its reflow for
-    `cfg.reflow_steps` steps. Pairs are generated (or reused) in run_dir/pairs. The export keeps the
-    student's config and appends this run to its provenance's `refinements`.
+    `cfg.reflow_steps` steps. Pairs are generated (or reused) in run_dir/pairs; with `self_refine` a
+    one-step student needs none, its targets are its own samples of fresh noise as the teacher refines
+    them. The export keeps the student's config and appends this run to its provenance's `refinements`.
     """
     run_dir = Path(run_dir)
     student_dir = Path(student_dir)
     student_cfg = instaflow_student_config(student_dir)  # before the pairs: a wrong folder fails at once
     is_one_step = student_cfg.allowed_steps == (1,)
-    if not is_one_step and cfg.distribution_matching is not None:
-        raise ValueError(f"{student_dir} is a multi-step rectified flow: DMD acts on one-step samples only")
+    for option in ("distribution_matching", "self_refine"):
+        if not is_one_step and getattr(cfg, option) is not None:
+            raise ValueError(f"{student_dir} is a multi-step rectified flow: `{option}` acts on one-step samples only")
     torch.manual_seed(cfg.seed)
     teacher = load_teacher(teacher_dir)
-    pairs, pairs_seconds = _pairs(teacher, cfg, run_dir / "pairs", progress)
+    if cfg.self_refine is not None:
+        batches, pairs_seconds = fresh_batches(teacher, cfg.batch_size), 0.0
+    else:
+        pairs, pairs_seconds = _pairs(teacher, cfg, run_dir / "pairs", progress)
+        batches = pair_batches(pairs, cfg.batch_size)
 
     init = load_instaflow_unet(student_dir, teacher)
     dm = cfg.distribution_matching
     matching = DistributionMatching(teacher, dm) if dm is not None else None
     if is_one_step:
-        loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load(), cfg.colour_weight), matching)
+        loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load(), cfg.colour_weight), matching, teacher)
         steps, extra = cfg.distill_steps, matching.state() if matching is not None else ({}, {})
     else:
         loss, steps, extra = reflow_loss, cfg.reflow_steps, ({}, {})
-    refined, seconds = _train_stage("refine", teacher, init, pairs, cfg, steps, run_dir / "refine", loss, progress, extra)
+    refined, seconds = _train_stage("refine", teacher, init, batches, cfg, steps, run_dir / "refine", loss, progress, extra)
     provenance = dict(student_cfg.provenance)
+    pairs_used = {"pairs": cfg.pairs, "pair_start": cfg.pair_start} if cfg.self_refine is None else {
+        "pairs": 0, "target": f"its own one-step sample of fresh noise, {cfg.self_refine.recipe}",
+        "self_refine": config_dict(cfg.self_refine),
+    }  # fmt: skip
     leg = {
-        "student": student_dir.name, "steps": steps, "pairs": cfg.pairs, "pair_start": cfg.pair_start,
-        "bf16": cfg.bf16, "lr": cfg.lr,
+        "student": student_dir.name, "steps": steps, **pairs_used, "bf16": cfg.bf16, "lr": cfg.lr,
         "train_seconds": round(pairs_seconds + seconds),
         "commit": git_commit(),
     }  # fmt: skip

@@ -86,6 +86,17 @@ def test_refine_an_instaflow_student_from_the_command_line(tiny_teacher_dir, tmp
     result = load_engine(str(refined)).generate([GenerationRequest(prompt="a blue star", seed=1)])
     assert result.images[0].size == (64, 64)
 
+    # With --source-refine-* the student trains toward its own samples as the teacher refines them: no pairs.
+    self_refined = ["--source-refine-from", "400", "--source-refine-steps", "2", "--runs", str(tmp_path / "self-runs")]
+    assert flashstep_main([*argv[:-6], *argv[-4:], *self_refined, "--out", str(tmp_path / "self")]) == 0
+    leg = FlashstepConfig.load(tmp_path / "self").provenance["refinements"][0]
+    assert (leg["pairs"], leg["self_refine"]) == (0, {"timestep": 400, "steps": 2, "guidance": 2.0})
+    assert not (tmp_path / "self-runs" / "instaflow-refine" / "pairs").exists()
+    with pytest.raises(SystemExit, match="not on teacher pairs; drop --pairs / --pairs-from"):
+        flashstep_main([*argv, *self_refined, "--pairs", "12", "--out", str(tmp_path / "self")])
+    with pytest.raises(SystemExit, match="instaflow-refine: `timestep` must be in \\[1, 999\\] but is 1000"):
+        flashstep_main([*argv, "--source-refine-from", "1000", "--out", str(tmp_path / "self")])
+
     # The 2-rectified flow continues its reflow; with no --out its export is named after the student.
     argv = ["train", "instaflow-refine", *common, "--steps", "2", "--student", str(models / "shapes-2rf")]
     assert flashstep_main(argv) == 0

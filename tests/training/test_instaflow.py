@@ -17,11 +17,14 @@ from training.instaflow import (
     JudgePerceptual,
     generate_pairs,
     load_pairs,
+    one_step,
+    one_step_loss,
     refine_instaflow,
     reflow_target,
     teacher_pairs,
     train_instaflow,
 )
+from training.teacher_refinement import TeacherRefinement
 
 
 def test_reflow_target_matches_a_hand_computation():
@@ -154,10 +157,64 @@ def test_refining_a_2_rectified_flow_continues_its_reflow_on_the_pairs(tiny_teac
     result = Engine.load(tmp_path / "refined").generate([GenerationRequest(prompt="a red circle", seed=3, num_inference_steps=2)])
     assert result.unet_evals == 2
 
-    with pytest.raises(ValueError, match="multi-step rectified flow: DMD acts on one-step samples only"):
+    with pytest.raises(ValueError, match="multi-step rectified flow: `distribution_matching` acts on one-step samples only"):
         refine_instaflow(replace(refine, distribution_matching=DistributionMatchingConfig()), tmp_path / "dmd",
                          tmp_path / "2rf", tmp_path / "out", teacher_dir=tiny_teacher_dir, judge=random_judge,
                          progress=False)  # fmt: skip
+
+
+def test_self_refinement_regresses_the_students_sample_onto_the_teachers_touch_up_of_it(tiny_teacher_dir, random_judge):
+    """A teacher that predicts eps = 0 refines x0 to x0 + sqrt((1 - abar_300) / abar_300) z (see
+    test_teacher_refinement), so the loss of a batch with no pair latent is exactly that offset's mean
+    square, whatever the student draws, and its gradient pulls the sample along +z."""
+    teacher = load_teacher(tiny_teacher_dir)
+    teacher.unet.conv_out.weight.data.zero_()
+    teacher.unet.conv_out.bias.data.zero_()
+    student = load_teacher(tiny_teacher_dir).unet.requires_grad_(True)
+    cfg = replace(TINY, perceptual_steps=0, self_refine=TeacherRefinement(timestep=300, steps=2))
+    loss = one_step_loss(cfg, JudgePerceptual(teacher, random_judge), teacher=teacher)
+    z = torch.randn((2, *teacher.latent_shape), generator=torch.Generator().manual_seed(0))
+    embeds = teacher.encode_prompts(["a red circle", "a blue star"])
+    abar = teacher.alphas_cumprod[300]
+    value = loss(student, z, None, embeds, 0, torch.Generator())
+    torch.testing.assert_close(value, ((1 - abar) / abar) * z.pow(2).mean())
+
+    # The target carries no gradient: were it not detached, pred - (pred + c z) would leave the student
+    # nothing to learn. Its gradients are those of the MSE to a fixed pred + c z.
+    value.backward()
+    reference = load_teacher(tiny_teacher_dir).unet.requires_grad_(True)
+    pred = one_step(reference, z, embeds)
+    torch.nn.functional.mse_loss(pred, (pred + ((1 - abar) / abar).sqrt() * z).detach()).backward()
+    grads = [(p.grad, r.grad) for p, r in zip(student.parameters(), reference.parameters(), strict=True)]
+    assert any(g.abs().sum() > 0 for g, _ in grads)
+    for got, want in grads:
+        torch.testing.assert_close(got, want)
+    assert all(p.grad is None for p in teacher.unet.parameters())
+
+    without = one_step_loss(replace(cfg, self_refine=None), JudgePerceptual(teacher, random_judge), teacher=teacher)
+    with pytest.raises(ValueError, match="needs `self_refine` and the teacher"):
+        without(student, z, None, embeds, 0, torch.Generator())
+
+
+def test_a_self_refined_leg_needs_no_pairs_and_records_its_target(tiny_teacher_dir, random_judge, tmp_path):
+    train_instaflow(TINY, tmp_path / "run", tmp_path / "2rf", tmp_path / "one", teacher_dir=tiny_teacher_dir,
+                    judge=random_judge, progress=False)  # fmt: skip
+    refine = replace(TINY, distill_steps=2, perceptual_steps=2, self_refine=TeacherRefinement(timestep=200, steps=1))
+    report = refine_instaflow(refine, tmp_path / "self", tmp_path / "one", tmp_path / "refined",
+                              teacher_dir=tiny_teacher_dir, judge=random_judge, progress=False)  # fmt: skip
+    assert report["pairs_seconds"] == 0 and not (tmp_path / "self" / "pairs").exists()
+    (leg,) = FlashstepConfig.load(tmp_path / "refined").provenance["refinements"]
+    assert (leg["steps"], leg["pairs"], leg["self_refine"]) == (2, 0, {"timestep": 200, "steps": 1, "guidance": 2.0})
+    assert leg["target"] == "its own one-step sample of fresh noise, refined by the teacher (t=200, 1 DDIM steps, CFG 2)"
+    assert "pair_start" not in leg
+    old = UNet2DConditionModel.from_pretrained(tmp_path / "one" / "unet").state_dict()
+    new = UNet2DConditionModel.from_pretrained(tmp_path / "refined" / "unet").state_dict()
+    assert any(not torch.equal(old[k], new[k]) for k in old), "the leg left the weights unchanged"
+    assert Engine.load(tmp_path / "refined").generate([GenerationRequest(prompt="a red circle", seed=3)]).unet_evals == 1
+
+    with pytest.raises(ValueError, match="multi-step rectified flow: `self_refine` acts on one-step samples only"):
+        refine_instaflow(refine, tmp_path / "rf", tmp_path / "2rf", tmp_path / "out", teacher_dir=tiny_teacher_dir,
+                         judge=random_judge, progress=False)  # fmt: skip
 
 
 def test_only_an_instaflow_student_can_be_refined(tiny_teacher_dir, random_judge, tmp_path):
