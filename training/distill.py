@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,11 @@ class Teacher:
     def latent_shape(self) -> tuple[int, int, int]:
         side = self.config.resolution // 8
         return (int(self.unet.config.in_channels), side, side)
+
+    @cached_property
+    def empty_prompt_embeds(self) -> torch.Tensor:
+        """(1, L, C) states of the empty prompt, CFG's uncond: encoded once, since every guided call needs it."""
+        return self.encode_prompts([""])
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:

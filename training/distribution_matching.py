@@ -73,7 +73,7 @@ class DistributionMatching:
     def __init__(self, teacher: Teacher, cfg: DistributionMatchingConfig) -> None:
         self.cfg = cfg
         self.abar = teacher.alphas_cumprod
-        self.uncond = teacher.encode_prompts([""])
+        self.uncond = teacher.empty_prompt_embeds
         self.scores = lora_teacher(teacher, cfg.lora_rank, LORA_TARGETS)
         self.params = [p for p in self.scores.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lora_lr, weight_decay=0.0)

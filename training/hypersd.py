@@ -372,7 +372,7 @@ def train_hypersd(
     total = sum(cfg.stage_steps)
     rng = np.random.default_rng(cfg.seed + start)
     gen = torch.Generator().manual_seed(cfg.seed + start)
-    uncond = teacher.encode_prompts([""]).expand(cfg.batch_size, -1, -1)
+    uncond = teacher.empty_prompt_embeds.expand(cfg.batch_size, -1, -1)
     losses: dict[str, list[float]] = {}
     loop_start = time.time()
     bar = tqdm(
@@ -672,7 +672,7 @@ def refine_hypersd(
     timer = Timer(state_dir)
     rng = np.random.default_rng(cfg.seed + start)
     gen = torch.Generator().manual_seed(cfg.seed + start)
-    uncond = teacher.encode_prompts([""]).expand(cfg.batch_size, -1, -1)
+    uncond = teacher.empty_prompt_embeds.expand(cfg.batch_size, -1, -1)
     bar = tqdm(range(start, cfg.steps), desc="hypersd-refine", disable=not progress, mininterval=5.0,
                initial=start, total=cfg.steps)  # fmt: skip
     for step in bar:

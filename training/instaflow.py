@@ -120,7 +120,7 @@ def teacher_pairs(
     schedule = NoiseSchedule(teacher.alphas_cumprod.double())
     cond = Conditioning(
         prompt_embeds=teacher.encode_prompts(captions),
-        uncond_embeds=teacher.encode_prompts([""] * len(captions)),
+        uncond_embeds=teacher.empty_prompt_embeds.expand(len(captions), -1, -1),
         guidance_scale=torch.full((len(captions),), float(guidance)),
     )
     model = Denoiser(teacher.unet, cond, "epsilon", schedule)

@@ -269,7 +269,7 @@ def student_vsd(
     n = len(prompts)
     abar = teacher.alphas_cumprod
     embeds = teacher.encode_prompts(prompts)  # (B, L, C)
-    uncond = teacher.encode_prompts([""]).expand_as(embeds)
+    uncond = teacher.empty_prompt_embeds.expand_as(embeds)
     z = torch.randn((n, *teacher.latent_shape), generator=gen)
     x0 = student_x0(student, z, embeds, abar[STUDENT_TIMESTEP], cfg.prediction)
 

@@ -59,7 +59,7 @@ def refine_with_teacher(
     """
     n = len(z)
     abar = teacher.alphas_cumprod
-    uncond = teacher.encode_prompts([""]).expand(n, -1, -1)
+    uncond = teacher.empty_prompt_embeds.expand(n, -1, -1)
     grid = cfg.timesteps()
     x = abar[grid[0]].sqrt() * x0 + (1 - abar[grid[0]]).sqrt() * z
     for t, s in zip(grid[:-1], grid[1:], strict=True):
