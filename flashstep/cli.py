@@ -245,11 +245,7 @@ def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
         "bf16": args.bf16,
     }  # fmt: skip
     cfg = dataclasses.replace(cfg, **{field: value for field, value in given.items() if value})
-    try:
-        refine = _teacher_refinement(args)
-    except ValueError as err:
-        raise SystemExit(f"flashstep train instaflow-refine: {err}") from err
-    if refine is not None:
+    if (refine := _teacher_refinement(args)) is not None:
         if args.pairs or args.pairs_from:
             raise SystemExit("flashstep train instaflow-refine: --source-refine-* trains on the student's own refined samples of fresh noise, not on teacher pairs; drop --pairs / --pairs-from")
         cfg = dataclasses.replace(cfg, self_refine=refine)
@@ -269,11 +265,15 @@ def _refine_flags_given(args: argparse.Namespace) -> list[str]:
 
 
 def _teacher_refinement(args: argparse.Namespace):
-    """The `--source-refine-*` flags as a `TeacherRefinement`, or None where none is given."""
+    """The `--source-refine-*` flags as a `TeacherRefinement`, or None where none is given; an
+    out-of-range value exits naming the stage and the field."""
     from training.teacher_refinement import TeacherRefinement
 
     given = {field: getattr(args, name) for name, field in REFINE_FLAGS.items() if getattr(args, name) is not None}
-    return TeacherRefinement(**given) if given else None
+    try:
+        return TeacherRefinement(**given) if given else None
+    except ValueError as err:
+        raise SystemExit(f"flashstep train {args.stage}: {err}") from err
 
 
 def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
@@ -296,11 +296,7 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
     if args.regression_source:
         if args.pairs or args.pairs_from:
             raise SystemExit("flashstep train hypersd-refine: --regression-source replaces the teacher pairs; drop --pairs / --pairs-from")
-        try:
-            refine = _teacher_refinement(args)
-        except ValueError as err:
-            raise SystemExit(f"flashstep train hypersd-refine: {err}") from err
-        reg = SourceRegressionConfig(str(args.regression_source), refine=refine)
+        reg = SourceRegressionConfig(str(args.regression_source), refine=_teacher_refinement(args))
         cfg = dataclasses.replace(cfg, regression=dataclasses.replace(reg, weight=args.regression_weight or reg.weight))
     elif flags := _refine_flags_given(args):
         raise SystemExit(f"flashstep train hypersd-refine: {' / '.join(flags)} refines the --regression-source's samples; add --regression-source")
