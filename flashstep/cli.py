@@ -165,6 +165,10 @@ def _train_distilled(args: argparse.Namespace) -> dict:
         cfg = dataclasses.replace(cfg, **lengths)
     if args.stage == "swiftbrush":
         cfg = _swiftbrush_options(cfg, args)
+    if args.bf16:
+        if not hasattr(cfg, "bf16"):
+            raise SystemExit(f"flashstep train {args.stage}: --bf16 is for instaflow, instaflow-refine and hypersd-refine")
+        cfg = dataclasses.replace(cfg, bf16=True)
     out = Path(args.out or SHIPPED_MODELS_DIR)
     teacher = Path(args.teacher or SHIPPED_MODELS_DIR / "shapes-teacher")
     train = getattr(module, fn_name)
@@ -433,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fake-updates", type=int, default=None, help="instaflow-refine, hypersd-refine: the DMD fake score's LoRA steps per student step (default 2; DMD2's two time-scale rule uses 5, so the fake score keeps up with the student's samples)")
     t.add_argument("--pairs", type=int, default=None, help="instaflow-refine, hypersd-refine: teacher ODE pairs to train on (default 12,288; the first ones are the recipe's, missing ones are generated); for hypersd-refine, turns on the regression term")
     t.add_argument("--pairs-from", type=int, default=None, help="instaflow-refine, hypersd-refine: index of the first pair (a multiple of 128): pairs are seeded by index, so a leg can train on pairs earlier legs never saw (default 0)")
-    t.add_argument("--bf16", action="store_true", help="instaflow-refine (hypersd-refine: the pairs only): teacher pairs and the student's forward passes under bfloat16 autocast (2.0x and 1.4x faster on the 2-core CPU)")
+    t.add_argument("--bf16", action="store_true", help="instaflow, instaflow-refine (hypersd-refine: the pairs only): teacher pairs and the student's forward passes under bfloat16 autocast (2.0x and 1.4x faster on the 2-core CPU)")
     t.add_argument("--lr", type=float, default=None, help="instaflow-refine, swiftbrush, hypersd-refine: the student's peak learning rate (defaults 1e-4, 3e-4, 2e-4)")
     t.add_argument("--guidance-range", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="swiftbrush: PG-SB's range for the guidance scale both teachers use, kappa ~ U(LO, HI) (default 0.5 2)")
     t.add_argument("--lora-warmup", type=int, default=None, help="swiftbrush: the first N of --steps train only the LoRA teacher, on the starting student's samples (default 0)")

@@ -398,7 +398,7 @@ def train_instaflow(
             resolution=teacher.config.resolution,
             provenance=Provenance(
                 "reflow", teacher_name, cfg.reflow_steps, cfg.batch_size, pairs_seconds + reflow_seconds,
-                {"pairs": cfg.pairs, "pair_sampler": f"dpmpp_2m x{cfg.pair_steps}, cfg {cfg.pair_guidance}"},
+                {"pairs": cfg.pairs, "pair_sampler": f"dpmpp_2m x{cfg.pair_steps}, cfg {cfg.pair_guidance}", "bf16": cfg.bf16},
             ).to_dict(),
         )
         export_student(export_2rf, teacher, rf2, config)
@@ -415,7 +415,8 @@ def train_instaflow(
             provenance=Provenance(
                 "reflow+one-step distillation (L2, then judge-feature perceptual)", teacher_name,
                 cfg.reflow_steps + cfg.distill_steps, cfg.batch_size, total,
-                {"pairs": cfg.pairs, "distill_steps": cfg.distill_steps, "perceptual_steps": cfg.perceptual_steps},
+                {"pairs": cfg.pairs, "distill_steps": cfg.distill_steps, "perceptual_steps": cfg.perceptual_steps,
+                 "bf16": cfg.bf16},
             ).to_dict(),
         )
         export_student(export_one_step, teacher, one, config)
