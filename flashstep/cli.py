@@ -81,9 +81,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# The stages with a bfloat16 path; every other stage refuses `--bf16` rather than run in fp32 unasked.
+BF16_STAGES = ("instaflow", "instaflow-refine", "hypersd-refine")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    if args.bf16 and args.stage not in BF16_STAGES:
+        raise SystemExit(f"flashstep train {args.stage}: --bf16 is for {', '.join(BF16_STAGES)} only")
     if args.threads:
         torch.set_num_threads(args.threads)
     from training.architecture import ShapesArch
@@ -166,8 +172,6 @@ def _train_distilled(args: argparse.Namespace) -> dict:
     if args.stage == "swiftbrush":
         cfg = _swiftbrush_options(cfg, args)
     if args.bf16:
-        if not hasattr(cfg, "bf16"):
-            raise SystemExit(f"flashstep train {args.stage}: --bf16 is for instaflow, instaflow-refine and hypersd-refine")
         cfg = dataclasses.replace(cfg, bf16=True)
     out = Path(args.out or SHIPPED_MODELS_DIR)
     teacher = Path(args.teacher or SHIPPED_MODELS_DIR / "shapes-teacher")

@@ -33,15 +33,16 @@ def test_train_recipe_from_the_command_line_exports_loadable_models(stage, tiny_
 
 def test_bf16_reaches_the_instaflow_recipe_and_its_exports_say_so(tiny_teacher_dir, tmp_path):
     """`train instaflow --bf16` runs pairs, reflow and distillation under bfloat16 autocast, as the
-    refinement legs do; a recipe with no bf16 path refuses the flag instead of ignoring it."""
+    refinement legs do; a stage with no bf16 path refuses the flag instead of ignoring it."""
     out = tmp_path / "models"
     argv = ["train", "instaflow", "--tiny", "--bf16", "--teacher", str(tiny_teacher_dir), "--runs", str(tmp_path / "runs")]
     assert flashstep_main([*argv, "--out", str(out)]) == 0
     assert json.loads((tmp_path / "runs" / "instaflow" / "instaflow_report.json").read_text())["config"]["bf16"] is True
     for name in DISTILL_STAGES["instaflow"][3]:
         assert FlashstepConfig.load(out / name).provenance["bf16"] is True
-    with pytest.raises(SystemExit, match="swiftbrush: --bf16"):
-        flashstep_main(["train", "swiftbrush", "--tiny", "--bf16", "--teacher", str(tiny_teacher_dir), "--runs", str(tmp_path / "sb")])
+    for stage in ("swiftbrush", "hypersd", "teacher", "vae"):
+        with pytest.raises(SystemExit, match=f"train {stage}: --bf16 is for instaflow"):
+            flashstep_main(["train", stage, "--tiny", "--bf16", "--teacher", str(tiny_teacher_dir), "--runs", str(tmp_path / stage)])
 
 
 def test_train_teacher_on_a_given_vae_from_the_command_line(tiny_teacher_dir, tmp_path, capsys):
