@@ -253,6 +253,10 @@ def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
         "bf16": args.bf16,
     }  # fmt: skip
     cfg = dataclasses.replace(cfg, **{field: value for field, value in given.items() if value})
+    if args.perceptual_weight is not None:  # 0 is a real choice here (latent MSE alone), so not filtered above
+        if args.perceptual_weight < 0:
+            raise SystemExit(f"flashstep train instaflow-refine: `perceptual_weight` must be >= 0 but is {args.perceptual_weight:g}")
+        cfg = dataclasses.replace(cfg, perceptual_weight=args.perceptual_weight)
     if (refine := _teacher_refinement(args)) is not None:
         if args.pairs or args.pairs_from:
             raise SystemExit("flashstep train instaflow-refine: --source-refine-* trains on the student's own refined samples of fresh noise, not on teacher pairs; drop --pairs / --pairs-from")
@@ -459,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--source-refine-steps", type=int, default=None, help="hypersd-refine with --regression-source, instaflow-refine: the teacher's DDIM steps from --source-refine-from to 0 (default 2)")
     t.add_argument("--source-refine-guidance", type=float, default=None, help="hypersd-refine with --regression-source, instaflow-refine: the teacher's CFG scale in that refinement (default 2, the scale it names colours best at)")
     t.add_argument("--regression-weight", type=float, default=None, help="hypersd-refine: DMD's regression loss on teacher ODE pairs (latent MSE + judge-feature perceptual) at this weight (default 0.25 when --pairs is given; --pairs / --pairs-from / --bf16 choose and make the pairs as for instaflow-refine)")
-    t.add_argument("--perceptual-weight", type=float, default=None, help="hypersd-refine: the regression term's judge-feature perceptual loss at this weight beside its latent MSE (default 1; on the shipped one-step LoRA the two are of one size, 0.04 and 0.05)")
+    t.add_argument("--perceptual-weight", type=float, default=None, help="hypersd-refine: the regression term's judge-feature perceptual loss at this weight beside its latent MSE (default 1; on the shipped one-step LoRA the two are of one size, 0.04 and 0.05); instaflow-refine (one-step student): the same loss beside the latent MSE to the pair or refined target (default 1)")
     t.add_argument("--colour-weight", type=float, default=None, help="instaflow-refine: weight of the perceptual loss's pooled-colour term (default 0: judge features only)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -503,7 +503,7 @@ def refine_instaflow(
         "commit": git_commit(),
     }  # fmt: skip
     if is_one_step:
-        leg.update(perceptual_steps=cfg.perceptual_steps, colour_weight=cfg.colour_weight)
+        leg.update(perceptual_steps=cfg.perceptual_steps, perceptual_weight=cfg.perceptual_weight, colour_weight=cfg.colour_weight)
     else:
         leg["recipe"] = "reflow"
     if dm is not None:

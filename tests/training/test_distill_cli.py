@@ -103,9 +103,13 @@ def test_refine_an_instaflow_student_from_the_command_line(tiny_teacher_dir, tmp
 
     # With --source-refine-* the student trains toward its own samples as the teacher refines them: no pairs.
     self_refined = ["--source-refine-from", "400", "--source-refine-steps", "2", "--runs", str(tmp_path / "self-runs")]
-    assert flashstep_main([*argv[:-6], *argv[-4:], *self_refined, "--out", str(tmp_path / "self")]) == 0
+    weighted = ["--perceptual-weight", "3"]
+    assert flashstep_main([*argv[:-6], *argv[-4:], *self_refined, *weighted, "--out", str(tmp_path / "self")]) == 0
     leg = FlashstepConfig.load(tmp_path / "self").provenance["refinements"][0]
     assert (leg["pairs"], leg["self_refine"]) == (0, {"timestep": 400, "steps": 2, "guidance": 2.0})
+    assert leg["perceptual_weight"] == 3.0
+    with pytest.raises(SystemExit, match="instaflow-refine: `perceptual_weight` must be >= 0 but is -1"):
+        flashstep_main([*argv, *self_refined, "--perceptual-weight", "-1", "--out", str(tmp_path / "self")])
     assert not (tmp_path / "self-runs" / "instaflow-refine" / "pairs").exists()
     with pytest.raises(SystemExit, match="not on teacher pairs; drop --pairs / --pairs-from"):
         flashstep_main([*argv, *self_refined, "--pairs", "12", "--out", str(tmp_path / "self")])
