@@ -252,11 +252,12 @@ def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
         "pairs": args.pairs, "pair_start": args.pairs_from, "colour_weight": args.colour_weight, "lr": args.lr,
         "bf16": args.bf16,
     }  # fmt: skip
-    cfg = dataclasses.replace(cfg, **{field: value for field, value in given.items() if value})
-    if args.perceptual_weight is not None:  # 0 is a real choice here (latent MSE alone), so not filtered above
-        if args.perceptual_weight < 0:
-            raise SystemExit(f"flashstep train instaflow-refine: `perceptual_weight` must be >= 0 but is {args.perceptual_weight:g}")
-        cfg = dataclasses.replace(cfg, perceptual_weight=args.perceptual_weight)
+    if args.perceptual_weight is not None:  # 0 is a real choice here (latent MSE alone), so not filtered below
+        given["perceptual_weight"] = args.perceptual_weight
+    try:  # the config checks the loss weights' range and names the field
+        cfg = dataclasses.replace(cfg, **{field: value for field, value in given.items() if value or field == "perceptual_weight"})
+    except ValueError as err:
+        raise SystemExit(f"flashstep train instaflow-refine: {err}") from err
     if (refine := _teacher_refinement(args)) is not None:
         if args.pairs or args.pairs_from:
             raise SystemExit("flashstep train instaflow-refine: --source-refine-* trains on the student's own refined samples of fresh noise, not on teacher pairs; drop --pairs / --pairs-from")

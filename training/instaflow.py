@@ -106,6 +106,11 @@ class InstaFlowTrainConfig:
     # refines it, instead of onto teacher pairs (None: the pairs).
     self_refine: TeacherRefinement | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("perceptual_weight", "colour_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0 but is {getattr(self, name)}")
+
 
 # Refinement of an exported student: twice the recipe's pairs, half its learning rate, a short warmup.
 REFINE_DEFAULTS = dict(pairs=12288, distill_steps=2400, perceptual_steps=2400, reflow_steps=2400, lr=1e-4, warmup=50)

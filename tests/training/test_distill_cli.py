@@ -110,6 +110,8 @@ def test_refine_an_instaflow_student_from_the_command_line(tiny_teacher_dir, tmp
     assert leg["perceptual_weight"] == 3.0
     with pytest.raises(SystemExit, match="instaflow-refine: `perceptual_weight` must be >= 0 but is -1"):
         flashstep_main([*argv, *self_refined, "--perceptual-weight", "-1", "--out", str(tmp_path / "self")])
+    with pytest.raises(SystemExit, match="instaflow-refine: `colour_weight` must be >= 0 but is -5"):
+        flashstep_main([*argv, *self_refined, "--colour-weight", "-5", "--out", str(tmp_path / "self")])
     assert not (tmp_path / "self-runs" / "instaflow-refine" / "pairs").exists()
     with pytest.raises(SystemExit, match="not on teacher pairs; drop --pairs / --pairs-from"):
         flashstep_main([*argv, *self_refined, "--pairs", "12", "--out", str(tmp_path / "self")])
