@@ -252,10 +252,11 @@ def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
         "pairs": args.pairs, "pair_start": args.pairs_from, "colour_weight": args.colour_weight, "lr": args.lr,
         "bf16": args.bf16,
     }  # fmt: skip
-    if args.perceptual_weight is not None:  # 0 is a real choice here (latent MSE alone), so not filtered below
-        given["perceptual_weight"] = args.perceptual_weight
+    chosen = {field: value for field, value in given.items() if value}
+    if args.perceptual_weight is not None:  # 0 is a real choice here (latent MSE alone)
+        chosen["perceptual_weight"] = args.perceptual_weight
     try:  # the config checks the loss weights' range and names the field
-        cfg = dataclasses.replace(cfg, **{field: value for field, value in given.items() if value or field == "perceptual_weight"})
+        cfg = dataclasses.replace(cfg, **chosen)
     except ValueError as err:
         raise SystemExit(f"flashstep train instaflow-refine: {err}") from err
     if (refine := _teacher_refinement(args)) is not None:
