@@ -274,10 +274,6 @@ def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
 REFINE_FLAGS = {"source_refine_from": "timestep", "source_refine_steps": "steps", "source_refine_guidance": "guidance"}
 
 
-def _refine_flags_given(args: argparse.Namespace) -> list[str]:
-    return ["--" + name.replace("_", "-") for name in REFINE_FLAGS if getattr(args, name) is not None]
-
-
 def _teacher_refinement(args: argparse.Namespace):
     """The `--source-refine-*` flags as a `TeacherRefinement`, or None where none is given; an
     out-of-range value exits naming the stage and the field."""
@@ -295,6 +291,7 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
     from training.hypersd import (
         HyperSDRefineConfig,
         PairRegressionConfig,
+        SelfRegressionConfig,
         SourceRegressionConfig,
         refine_hypersd,
     )
@@ -312,10 +309,13 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
             raise SystemExit("flashstep train hypersd-refine: --regression-source replaces the teacher pairs; drop --pairs / --pairs-from")
         reg = SourceRegressionConfig(str(args.regression_source), refine=_teacher_refinement(args))
         cfg = dataclasses.replace(cfg, regression=dataclasses.replace(reg, weight=args.regression_weight or reg.weight))
-    elif flags := _refine_flags_given(args):
-        raise SystemExit(f"flashstep train hypersd-refine: {' / '.join(flags)} refines the --regression-source's samples; add --regression-source")
+    elif (refine := _teacher_refinement(args)) is not None:  # no source: the LoRA's own samples, refined
+        if args.pairs or args.pairs_from:
+            raise SystemExit("flashstep train hypersd-refine: --source-refine-* without --regression-source trains on the LoRA's own refined samples of fresh noise, not on teacher pairs; drop --pairs / --pairs-from")
+        reg = SelfRegressionConfig(refine=refine)
+        cfg = dataclasses.replace(cfg, regression=dataclasses.replace(reg, weight=args.regression_weight or reg.weight))
     elif args.perceptual_weight is not None and not (args.pairs or args.regression_weight):
-        raise SystemExit("flashstep train hypersd-refine: --perceptual-weight weighs the regression term; add --regression-source or --pairs")
+        raise SystemExit("flashstep train hypersd-refine: --perceptual-weight weighs the regression term; add --regression-source, --source-refine-* or --pairs")
     elif args.pairs or args.regression_weight:
         reg = PairRegressionConfig(bf16=args.bf16)
         if args.tiny:
@@ -461,10 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--export-rank", type=int, default=None, help="hypersd-refine: store the trained LoRA at this lower rank, each layer's best approximation (SVD), e.g. train at --rank 32 and ship at 16 (default: as trained); a finished run re-exports without training again")
     t.add_argument("--ema-decay", type=float, default=None, help="hypersd-refine: export an exponential moving average of the LoRA at this decay (e.g. 0.995, a ~200-step window) instead of its last weights (default: the last weights)")
     t.add_argument("--regression-source", type=Path, default=None, help="hypersd-refine: regress the 1-step sample onto this one-step instaflow student's sample of the same fresh noise (InstaFlow: a reflowed map distils into one step better than the teacher's) instead of onto teacher ODE pairs")
-    t.add_argument("--source-refine-from", type=int, default=None, help="hypersd-refine with --regression-source: re-noise each source sample to this timestep with its own noise and let the teacher take it back (SDEdit), so the target draws the teacher's colours on the source's map; instaflow-refine: the one-step student trains on fresh noise toward its own sample refined so, with no teacher pairs (default when any --source-refine-* flag is given: 300)")
-    t.add_argument("--source-refine-steps", type=int, default=None, help="hypersd-refine with --regression-source, instaflow-refine: the teacher's DDIM steps from --source-refine-from to 0 (default 2)")
-    t.add_argument("--source-refine-guidance", type=float, default=None, help="hypersd-refine with --regression-source, instaflow-refine: the teacher's CFG scale in that refinement (default 2, the scale it names colours best at)")
-    t.add_argument("--regression-weight", type=float, default=None, help="hypersd-refine: DMD's regression loss on teacher ODE pairs (latent MSE + judge-feature perceptual) at this weight (default 0.25 when --pairs is given; --pairs / --pairs-from / --bf16 choose and make the pairs as for instaflow-refine)")
+    t.add_argument("--source-refine-from", type=int, default=None, help="hypersd-refine with --regression-source: re-noise each source sample to this timestep with its own noise and let the teacher take it back (SDEdit), so the target draws the teacher's colours on the source's map; instaflow-refine, and hypersd-refine without --regression-source: the one-step student (or LoRA) trains on fresh noise toward its own sample refined so, with no teacher pairs (default when any --source-refine-* flag is given: 300)")
+    t.add_argument("--source-refine-steps", type=int, default=None, help="hypersd-refine, instaflow-refine: the teacher's DDIM steps from --source-refine-from to 0 (default 2)")
+    t.add_argument("--source-refine-guidance", type=float, default=None, help="hypersd-refine, instaflow-refine: the teacher's CFG scale in that refinement (default 2, the scale it names colours best at)")
+    t.add_argument("--regression-weight", type=float, default=None, help="hypersd-refine: DMD's regression loss (latent MSE + judge-feature perceptual) at this weight, onto teacher ODE pairs, a --regression-source's samples or, with --source-refine-* alone, the LoRA's own refined samples (default 0.25; --pairs / --pairs-from / --bf16 choose and make the pairs as for instaflow-refine)")
     t.add_argument("--perceptual-weight", type=float, default=None, help="hypersd-refine: the regression term's judge-feature perceptual loss at this weight beside its latent MSE (default 1; on the shipped one-step LoRA the two are of one size, 0.04 and 0.05); instaflow-refine (one-step student): the same loss beside the latent MSE to the pair or refined target (default 1)")
     t.add_argument("--colour-weight", type=float, default=None, help="instaflow-refine: weight of the perceptual loss's pooled-colour term (default 0: judge features only)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")

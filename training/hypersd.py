@@ -469,6 +469,26 @@ class SourceRegressionConfig(RegressionWeights):
 
 
 @dataclass(frozen=True)
+class SelfRegressionConfig(RegressionWeights):
+    """The regression term with the LoRA's own one-step sample of fresh noise, touched up by the teacher, as
+    its target: the self-refinement that lifted the full-UNet instaflow students (`InstaFlowTrainConfig.
+    self_refine`), here for the LoRA.
+
+    Onto a source's map (`SourceRegressionConfig`) the rank-16 LoRA levelled off near 0.65 held-out whatever
+    the source, weight or training rank: it has to bend its own map into another network's, which its rank
+    may not reach. Its own sample, refined, differs from what it already draws only where the teacher
+    corrects it (colour and shape at the attribute level), so every step's target is within its reach and
+    no second network is run: one LoRA call and the refinement's teacher steps per sample.
+    """
+
+    refine: TeacherRefinement = TeacherRefinement()
+
+    @property
+    def recipe(self) -> str:
+        return f"regression on its own one-step samples, {self.refine.recipe}"
+
+
+@dataclass(frozen=True)
 class HyperSDRefineConfig:
     """Hyper-SD's third stage on an exported LoRA: DMD on the 1-step samples, the k = 1 TSCD loss beside it.
 
@@ -484,7 +504,7 @@ class HyperSDRefineConfig:
     # 999 drew 0.490 seen adherence there and 0.596 at 800 before any training at 800; the shipped one
     # went on to 700, then 650 (sqrt(abar) = 0.34), where it draws 0.696.
     one_step_timestep: int | None = None
-    regression: PairRegressionConfig | SourceRegressionConfig | None = None  # None: no regression term
+    regression: PairRegressionConfig | SourceRegressionConfig | SelfRegressionConfig | None = None  # None: none
     # The k = 1 TSCD loss keeps the multi-step jumps; 0 drops it, for a LoRA that serves one step only (Hyper-SD
     # ships per-step-count LoRAs beside its unified one). The thought: at the one-step timestep a real x_t and
     # pure noise have the same variance, so reading x0 out of x_t (TSCD) and ignoring what looks like x0 in z
@@ -623,6 +643,25 @@ class SourceRegression:
         return regression_loss(self.cfg, self.perceptual, pred, target)
 
 
+class SelfRegression:
+    """The regression term of `SelfRegressionConfig`: the LoRA's own 1-step sample of fresh noise, refined, as target."""
+
+    def __init__(self, teacher: Teacher, cfg: SelfRegressionConfig, judge: Judge | None, seed: int) -> None:
+        self.teacher, self.cfg = teacher, cfg
+        self.prompts = PromptSampler(seed)
+        self.perceptual = JudgePerceptual(teacher, judge or Judge.load())
+
+    def loss(self, unet: torch.nn.Module, timestep: int, rng: np.random.Generator, batch_size: int = 32) -> torch.Tensor:
+        """Weighted latent MSE + perceptual distance between the LoRA's 1-step sample of z and the teacher's
+        touch-up of that same sample (detached: the target is a fixed point to move toward, not a path for
+        gradients), re-noised with the same z."""
+        embeds = self.teacher.encode_prompts(self.prompts.draw(batch_size))
+        z = torch.from_numpy(rng.standard_normal((batch_size, *self.teacher.latent_shape), dtype=np.float32))
+        pred = one_step_sample(unet, z, embeds, self.teacher.alphas_cumprod, timestep)
+        target = refine_with_teacher(self.teacher, pred.detach(), z, embeds, self.cfg.refine)
+        return regression_loss(self.cfg, self.perceptual, pred, target)
+
+
 def leg_recipe(cfg: HyperSDRefineConfig) -> str:
     """The leg's loss terms, for its provenance: e.g. "k=1 TSCD + regression on teacher ODE pairs"."""
     terms = ["k=1 TSCD"] if cfg.tscd_weight else []
@@ -655,6 +694,8 @@ def refine_hypersd(
     latents, labels = training_latents(teacher, cfg.latents, base.seed, run_dir / "latents", progress)
     if isinstance(cfg.regression, SourceRegressionConfig):
         regression = SourceRegression(teacher, cfg.regression, judge, cfg.seed)
+    elif isinstance(cfg.regression, SelfRegressionConfig):
+        regression = SelfRegression(teacher, cfg.regression, judge, cfg.seed)
     elif cfg.regression is not None:
         regression = PairRegression(teacher, cfg.regression, run_dir / "pairs", judge, progress)
     else:

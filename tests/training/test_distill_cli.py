@@ -240,8 +240,14 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tiny_inst
     assert leg["recipe"].endswith("one-step samples, refined by the teacher (t=300, 2 DDIM steps, CFG 2)")
     with pytest.raises(SystemExit, match="`steps` must be in \\[1, timestep=300\\] but is 0"):
         flashstep_main([*argv[:-2], *sourced, "--source-refine-steps", "0", "--out", str(tmp_path / "src-refined")])
-    with pytest.raises(SystemExit, match="--source-refine-from refines the --regression-source's samples"):
-        flashstep_main([*argv, "--source-refine-from", "300", "--out", str(tmp_path / "src-refined")])
+    # With no --regression-source the --source-refine-* flags refine the LoRA's own one-step samples instead.
+    own = ["--runs", str(tmp_path / "self-runs"), "--dmd-weight", "0", "--tscd-weight", "0", *weights, *refined_src]
+    assert flashstep_main([*argv[:-2], *own, "--out", str(tmp_path / "self")]) == 0
+    leg = FlashstepConfig.load(tmp_path / "self").provenance["refinements"][-1]
+    assert (leg["regression"]["refine"]["timestep"], leg["regression"]["weight"], leg["regression"]["perceptual_weight"]) == (300, 2.0, 4.0)
+    assert leg["recipe"] == "regression on its own one-step samples, refined by the teacher (t=300, 2 DDIM steps, CFG 2)"
+    with pytest.raises(SystemExit, match="the LoRA's own refined samples of fresh noise, not on teacher pairs"):
+        flashstep_main([*argv, "--source-refine-from", "300", "--pairs", "4", "--out", str(tmp_path / "self")])
     with pytest.raises(SystemExit, match="--regression-source replaces the teacher pairs"):
         flashstep_main([*argv[:-2], *sourced, "--pairs", "4", "--out", str(tmp_path / "src")])
     with pytest.raises(SystemExit, match="has no loss to train on"):

@@ -25,10 +25,13 @@ from training.hypersd import (
     HyperSDTrainConfig,
     PairRegression,
     PairRegressionConfig,
+    SelfRegression,
+    SelfRegressionConfig,
     SourceRegression,
     SourceRegressionConfig,
     base_reference,
     load_lora_student,
+    lora_student,
     low_rank_lora,
     one_step_sample,
     refine_hypersd,
@@ -391,6 +394,28 @@ def test_with_a_teacher_refinement_the_target_is_the_sources_sample_touched_up_b
     assert torch.allclose(got, 0.5 * F.mse_loss(pred, target))
     assert not torch.allclose(got, 0.5 * F.mse_loss(pred, raw))  # the touch-up changed the target
     assert cfg.recipe == "regression on tiny-instaflow's one-step samples, refined by the teacher (t=300, 2 DDIM steps, CFG 2)"
+
+
+def test_the_self_regression_target_is_the_loras_own_sample_touched_up_by_the_teacher_and_detached(
+    tiny_teacher_dir, random_judge
+):
+    teacher = load_teacher(tiny_teacher_dir)
+    unet = lora_student(teacher, TINY)
+    refine = TeacherRefinement(timestep=500, steps=2, guidance=2.0)
+    cfg = SelfRegressionConfig(weight=0.5, perceptual_weight=0.0, refine=refine)
+    regression = SelfRegression(teacher, cfg, random_judge, seed=11)
+    embeds = teacher.encode_prompts(PromptSampler(11).draw(2))
+    z = torch.from_numpy(np.random.default_rng(3).standard_normal((2, *teacher.latent_shape), dtype=np.float32))
+    with torch.no_grad():
+        pred = one_step_sample(unet, z, embeds, teacher.alphas_cumprod, 650)
+        want = 0.5 * F.mse_loss(pred, refine_with_teacher(teacher, pred, z, embeds, refine))
+    got = regression.loss(unet, 650, np.random.default_rng(3), batch_size=2)
+    assert torch.allclose(got, want)
+    assert got > 0  # the teacher's touch-up moved the sample: there is something to learn
+    got.backward()  # the gradient flows through the prediction only: the teacher is frozen, the target detached
+    assert all(p.grad is None for p in teacher.unet.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters() if p.requires_grad)
+    assert cfg.recipe == "regression on its own one-step samples, refined by the teacher (t=500, 2 DDIM steps, CFG 2)"
 
 
 def _source_gap(teacher, unet, source, timestep: int) -> float:
