@@ -312,7 +312,10 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
     elif (refine := _teacher_refinement(args)) is not None:  # no source: the LoRA's own samples, refined
         if args.pairs or args.pairs_from:
             raise SystemExit("flashstep train hypersd-refine: --source-refine-* without --regression-source trains on the LoRA's own refined samples of fresh noise, not on teacher pairs; drop --pairs / --pairs-from")
-        reg = SelfRegressionConfig(refine=refine)
+        try:  # SelfRegressionConfig names the field a bad step count is in
+            reg = SelfRegressionConfig(refine=refine, sample_steps=tuple(args.regression_steps or (1,)))
+        except ValueError as err:
+            raise SystemExit(f"flashstep train hypersd-refine: {err}") from err
         cfg = dataclasses.replace(cfg, regression=dataclasses.replace(reg, weight=args.regression_weight or reg.weight))
     elif args.perceptual_weight is not None and not (args.pairs or args.regression_weight):
         raise SystemExit("flashstep train hypersd-refine: --perceptual-weight weighs the regression term; add --regression-source, --source-refine-* or --pairs")
@@ -322,6 +325,8 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
             reg = dataclasses.replace(reg, pairs=4, pair_start=0)
         given = {"pairs": args.pairs, "pair_start": args.pairs_from, "weight": args.regression_weight}
         cfg = dataclasses.replace(cfg, regression=dataclasses.replace(reg, **{k: v for k, v in given.items() if v}))
+    if args.regression_steps and not isinstance(cfg.regression, SelfRegressionConfig):
+        raise SystemExit("flashstep train hypersd-refine: --regression-steps picks the step counts of the LoRA's own refined samples; add --source-refine-* without --regression-source")
     weight = cfg.matching.weight if args.dmd_weight is None else args.dmd_weight
     if weight == 0:  # DMD off: the leg is TSCD and/or regression
         if flags := _dmd_flags_given(args):
@@ -465,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--source-refine-steps", type=int, default=None, help="hypersd-refine, instaflow-refine: the teacher's DDIM steps from --source-refine-from to 0 (default 2)")
     t.add_argument("--source-refine-guidance", type=float, default=None, help="hypersd-refine, instaflow-refine: the teacher's CFG scale in that refinement (default 2, the scale it names colours best at)")
     t.add_argument("--regression-weight", type=float, default=None, help="hypersd-refine: DMD's regression loss (latent MSE + judge-feature perceptual) at this weight, onto teacher ODE pairs, a --regression-source's samples or, with --source-refine-* alone, the LoRA's own refined samples (default 0.25; --pairs / --pairs-from / --bf16 choose and make the pairs as for instaflow-refine)")
+    t.add_argument("--regression-steps", type=int, nargs="+", default=None, help="hypersd-refine with --source-refine-* alone: the served step counts (of 1, 2, 4, 8) whose own samples the LoRA regresses onto their teacher touch-up, one drawn per batch; the first k - 1 TCD steps run without gradient, the last is trained (default 1: the one-step map only)")
     t.add_argument("--perceptual-weight", type=float, default=None, help="hypersd-refine: the regression term's judge-feature perceptual loss at this weight beside its latent MSE (default 1; on the shipped one-step LoRA the two are of one size, 0.04 and 0.05); instaflow-refine (one-step student): the same loss beside the latent MSE to the pair or refined target (default 1)")
     t.add_argument("--colour-weight", type=float, default=None, help="instaflow-refine: weight of the perceptual loss's pooled-colour term (default 0: judge features only)")
     t.add_argument("--tiny", action="store_true", help="tiny sizes (smoke runs)")

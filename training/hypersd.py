@@ -482,10 +482,22 @@ class SelfRegressionConfig(RegressionWeights):
     """
 
     refine: TeacherRefinement = TeacherRefinement()
+    # The served step counts whose samples it regresses, one drawn per batch. (1,) trains the one-step map
+    # alone, which pulled a unified LoRA's 2-8 steps down while it lifted one step (TSCD kept beside it):
+    # nothing asked the later steps of a k-step sample to draw what the prompt names. With k > 1 the first
+    # k - 1 served TCD steps run without gradient and the last one, at the k-step grid's last timestep, is
+    # regressed onto the teacher's touch-up of the k-step sample.
+    sample_steps: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.sample_steps or any(k not in SERVED_STEPS for k in self.sample_steps):
+            raise ValueError(f"`sample_steps` must list served step counts {list(SERVED_STEPS)} but is {list(self.sample_steps)}")
 
     @property
     def recipe(self) -> str:
-        return f"regression on its own one-step samples, {self.refine.recipe}"
+        counts = "one-step" if self.sample_steps == (1,) else "/".join(map(str, self.sample_steps)) + "-step"
+        return f"regression on its own {counts} samples, {self.refine.recipe}"
 
 
 @dataclass(frozen=True)
@@ -538,6 +550,12 @@ class HyperSDRefineConfig:
             raise ValueError(f"`tscd_weight` must be >= 0 but is {self.tscd_weight}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"`ema_decay` must be in (0, 1) but is {self.ema_decay}")
+        if (not self.tscd_weight and isinstance(self.regression, SelfRegressionConfig)
+                and self.regression.sample_steps != (1,)):  # fmt: skip
+            raise ValueError(
+                f"`regression.sample_steps` {list(self.regression.sample_steps)} trains multi-step samples, but a leg "
+                "with `tscd_weight` 0 exports a one-step LoRA; keep the TSCD term or train (1,) only"
+            )
         if not self.tscd_weight and self.matching is None and self.regression is None:
             raise ValueError("a leg with `tscd_weight` 0, no `matching` and no `regression` has no loss to train on")
 
@@ -643,22 +661,48 @@ class SourceRegression:
         return regression_loss(self.cfg, self.perceptual, pred, target)
 
 
-class SelfRegression:
-    """The regression term of `SelfRegressionConfig`: the LoRA's own 1-step sample of fresh noise, refined, as target."""
+@torch.no_grad()
+def tcd_steps_before_last(
+    unet: torch.nn.Module, z: torch.Tensor, embeds: torch.Tensor, alphas_cumprod: torch.Tensor,
+    timesteps: list[int], eta: float, rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The served TCD sampler (`models.families.hypersd.sample_tcd`) from pure noise z, all steps but the last:
+    x at `timesteps[-1]` and the fresh noise of its last re-noising (z itself for a single timestep).
 
-    def __init__(self, teacher: Teacher, cfg: SelfRegressionConfig, judge: Judge | None, seed: int) -> None:
-        self.teacher, self.cfg = teacher, cfg
+    Step t -> t': predict x0, DDIM to s = floor((1 - eta) t'), re-noise from s up to t'.
+    """
+    x, noise = z, z
+    for t, t_next in zip(timesteps[:-1], timesteps[1:], strict=True):
+        s = int((1.0 - eta) * t_next)
+        n = len(x)
+        x = ddim_jump(x, unet_eps(unet, x, torch.full((n,), t, dtype=torch.long), embeds),
+                      alphas_cumprod[t].expand(n), alphas_cumprod[s].expand(n))  # fmt: skip
+        ratio = alphas_cumprod[t_next] / alphas_cumprod[s]
+        noise = torch.from_numpy(rng.standard_normal(tuple(x.shape), dtype=np.float32))
+        x = ratio.sqrt() * x + (1 - ratio).sqrt() * noise
+    return x, noise
+
+
+class SelfRegression:
+    """The regression term of `SelfRegressionConfig`: the LoRA's own sample of fresh noise, refined, as target."""
+
+    def __init__(self, teacher: Teacher, cfg: SelfRegressionConfig, judge: Judge | None, seed: int, eta: float = 1.0) -> None:
+        self.teacher, self.cfg, self.eta = teacher, cfg, eta  # eta: the LoRA's served TCD eta, for k > 1
         self.prompts = PromptSampler(seed)
         self.perceptual = JudgePerceptual(teacher, judge or Judge.load())
 
     def loss(self, unet: torch.nn.Module, timestep: int, rng: np.random.Generator, batch_size: int = 32) -> torch.Tensor:
-        """Weighted latent MSE + perceptual distance between the LoRA's 1-step sample of z and the teacher's
-        touch-up of that same sample (detached: the target is a fixed point to move toward, not a path for
-        gradients), re-noised with the same z."""
+        """Weighted latent MSE + perceptual distance between the LoRA's k-step sample of z (k from `sample_steps`,
+        one step fed at `timestep`) and the teacher's touch-up of that same sample (detached: the target is a
+        fixed point to move toward, not a path for gradients), re-noised with the last step's noise."""
         embeds = self.teacher.encode_prompts(self.prompts.draw(batch_size))
         z = torch.from_numpy(rng.standard_normal((batch_size, *self.teacher.latent_shape), dtype=np.float32))
-        pred = one_step_sample(unet, z, embeds, self.teacher.alphas_cumprod, timestep)
-        target = refine_with_teacher(self.teacher, pred.detach(), z, embeds, self.cfg.refine)
+        steps = self.cfg.sample_steps
+        k = steps[0] if len(steps) == 1 else int(rng.choice(steps))
+        grid = [timestep] if k == 1 else trailing_timesteps(k, len(self.teacher.alphas_cumprod))
+        x, noise = tcd_steps_before_last(unet, z, embeds, self.teacher.alphas_cumprod, grid, self.eta, rng)
+        pred = one_step_sample(unet, x, embeds, self.teacher.alphas_cumprod, grid[-1])
+        target = refine_with_teacher(self.teacher, pred.detach(), noise, embeds, self.cfg.refine)
         return regression_loss(self.cfg, self.perceptual, pred, target)
 
 
@@ -695,7 +739,7 @@ def refine_hypersd(
     if isinstance(cfg.regression, SourceRegressionConfig):
         regression = SourceRegression(teacher, cfg.regression, judge, cfg.seed)
     elif isinstance(cfg.regression, SelfRegressionConfig):
-        regression = SelfRegression(teacher, cfg.regression, judge, cfg.seed)
+        regression = SelfRegression(teacher, cfg.regression, judge, cfg.seed, eta=student_cfg.eta)
     elif cfg.regression is not None:
         regression = PairRegression(teacher, cfg.regression, run_dir / "pairs", judge, progress)
     else:

@@ -246,6 +246,19 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tiny_inst
     leg = FlashstepConfig.load(tmp_path / "self").provenance["refinements"][-1]
     assert (leg["regression"]["refine"]["timestep"], leg["regression"]["weight"], leg["regression"]["perceptual_weight"]) == (300, 2.0, 4.0)
     assert leg["recipe"] == "regression on its own one-step samples, refined by the teacher (t=300, 2 DDIM steps, CFG 2)"
+    # --regression-steps: the LoRA's own 1- and 2-step samples, with TSCD kept so every step count stays served.
+    multi = ["--runs", str(tmp_path / "multi-runs"), "--dmd-weight", "0", *weights, *refined_src, "--regression-steps", "1", "2"]
+    assert flashstep_main([*argv[:-2], *multi, "--out", str(tmp_path / "multi")]) == 0
+    multi_cfg = FlashstepConfig.load(tmp_path / "multi")
+    assert multi_cfg.provenance["refinements"][-1]["regression"]["sample_steps"] == [1, 2]
+    assert multi_cfg.provenance["refinements"][-1]["recipe"].startswith("k=1 TSCD + regression on its own 1/2-step samples")
+    assert multi_cfg.allowed_steps == (1, 2, 4, 8)
+    with pytest.raises(SystemExit, match="`sample_steps` must list served step counts \\[1, 2, 4, 8\\] but is \\[3\\]"):
+        flashstep_main([*argv[:-2], *multi[:-2], "3", "--out", str(tmp_path / "multi")])
+    with pytest.raises(SystemExit, match="exports a one-step LoRA"):
+        flashstep_main([*argv[:-2], *multi, "--tscd-weight", "0", "--out", str(tmp_path / "multi")])
+    with pytest.raises(SystemExit, match="--regression-steps picks the step counts"):
+        flashstep_main([*argv[:-2], *sourced, "--regression-steps", "2", "--out", str(tmp_path / "src")])
     with pytest.raises(SystemExit, match="the LoRA's own refined samples of fresh noise, not on teacher pairs"):
         flashstep_main([*argv, "--source-refine-from", "300", "--pairs", "4", "--out", str(tmp_path / "self")])
     with pytest.raises(SystemExit, match="--regression-source replaces the teacher pairs"):

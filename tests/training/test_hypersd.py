@@ -418,6 +418,46 @@ def test_the_self_regression_target_is_the_loras_own_sample_touched_up_by_the_te
     assert cfg.recipe == "regression on its own one-step samples, refined by the teacher (t=500, 2 DDIM steps, CFG 2)"
 
 
+def test_a_multi_step_self_regression_trains_the_last_served_tcd_step_toward_the_touched_up_sample(
+    tiny_teacher_dir, random_judge
+):
+    teacher = load_teacher(tiny_teacher_dir)
+    unet = lora_student(teacher, TINY)
+    refine = TeacherRefinement(timestep=500, steps=2, guidance=2.0)
+    cfg = SelfRegressionConfig(weight=0.5, perceptual_weight=0.0, refine=refine, sample_steps=(2,))
+    regression = SelfRegression(teacher, cfg, random_judge, seed=11, eta=1.0)
+    embeds = teacher.encode_prompts(PromptSampler(11).draw(2))
+    abar = teacher.alphas_cumprod
+    rng = np.random.default_rng(3)
+    z = torch.from_numpy(rng.standard_normal((2, *teacher.latent_shape), dtype=np.float32))
+    fresh = torch.from_numpy(rng.standard_normal((2, *teacher.latent_shape), dtype=np.float32))
+    with torch.no_grad():  # by hand: x0 at 999, re-noised to 499 with fresh noise (eta 1), x0 again at 499
+        eps = unet_eps(unet, z, torch.full((2,), 999), embeds)
+        x0 = (z - (1 - abar[999]).sqrt() * eps) / abar[999].sqrt()
+        x_s = abar[0].sqrt() * x0 + (1 - abar[0]).sqrt() * eps
+        ratio = abar[499] / abar[0]
+        x_499 = ratio.sqrt() * x_s + (1 - ratio).sqrt() * fresh
+        pred = one_step_sample(unet, x_499, embeds, abar, 499)
+        want = 0.5 * F.mse_loss(pred, refine_with_teacher(teacher, pred, fresh, embeds, refine))
+    got = regression.loss(unet, 650, np.random.default_rng(3), batch_size=2)  # 650: the one-step timestep, unused at k = 2
+    assert torch.allclose(got, want, atol=1e-6)
+    got.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters() if p.requires_grad)
+    assert cfg.recipe == "regression on its own 2-step samples, refined by the teacher (t=500, 2 DDIM steps, CFG 2)"
+
+
+def test_self_regression_step_counts_are_served_ones_and_need_the_tscd_term_beyond_one_step():
+    with pytest.raises(ValueError, match="sample_steps"):
+        SelfRegressionConfig(sample_steps=(3,))
+    with pytest.raises(ValueError, match="sample_steps"):
+        SelfRegressionConfig(sample_steps=())
+    multi = SelfRegressionConfig(sample_steps=(1, 2, 4, 8))
+    assert multi.recipe.startswith("regression on its own 1/2/4/8-step samples")
+    with pytest.raises(ValueError, match="tscd_weight"):
+        HyperSDRefineConfig(regression=multi, tscd_weight=0.0, matching=None)
+    HyperSDRefineConfig(regression=SelfRegressionConfig(), tscd_weight=0.0, matching=None)  # one step alone is fine
+
+
 def _source_gap(teacher, unet, source, timestep: int) -> float:
     """Latent MSE between the LoRA's and the source's one-step samples on fixed noise and prompts."""
     embeds = teacher.encode_prompts(["a red circle", "a blue square", "a green star", "a small yellow triangle"])
