@@ -483,8 +483,9 @@ class SelfRegressionConfig(RegressionWeights):
 
     refine: TeacherRefinement = TeacherRefinement()
     # The served step counts whose samples it regresses, one drawn per batch. (1,) trains the one-step map
-    # alone, which pulled a unified LoRA's 2-8 steps down while it lifted one step (TSCD kept beside it):
-    # nothing asked the later steps of a k-step sample to draw what the prompt names. With k > 1 the first
+    # alone: with TSCD kept beside it, a unified LoRA's one step rose from the recipe's 0.27 to 0.79 in two
+    # legs, its 2-8 steps only to 0.65-0.69 and no further in the second, since nothing asked the later
+    # steps of a k-step sample to draw what the prompt names. With k > 1 the first
     # k - 1 served TCD steps run without gradient and the last one, at the k-step grid's last timestep, is
     # regressed onto the teacher's touch-up of the k-step sample.
     sample_steps: tuple[int, ...] = (1,)
