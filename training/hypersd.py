@@ -699,6 +699,7 @@ class SelfRegression:
         embeds = self.teacher.encode_prompts(self.prompts.draw(batch_size))
         z = torch.from_numpy(rng.standard_normal((batch_size, *self.teacher.latent_shape), dtype=np.float32))
         steps = self.cfg.sample_steps
+        # One count draws nothing, so a (1,) leg sees the same noise as before the counts existed (its chains rerun as shipped).
         k = steps[0] if len(steps) == 1 else int(rng.choice(steps))
         grid = [timestep] if k == 1 else trailing_timesteps(k, len(self.teacher.alphas_cumprod))
         x, noise = tcd_steps_before_last(unet, z, embeds, self.teacher.alphas_cumprod, grid, self.eta, rng)
