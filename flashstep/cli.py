@@ -372,18 +372,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from training.evaluate import EvalOptions, evaluate_model, print_report
 
-    opts = EvalOptions(
-        model=args.model,
-        models_root=args.models_root,
-        family=args.family,
-        prompts=Path(args.prompts),
-        seeds=args.seeds,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        nasa_alpha=args.nasa_alpha,
-        hybrid=args.hybrid,
-        batch_size=args.batch_size,
-    )
+    try:
+        opts = EvalOptions(
+            model=args.model,
+            models_root=args.models_root,
+            family=args.family,
+            prompts=Path(args.prompts),
+            seeds=args.seeds,
+            first_seed=args.first_seed,
+            steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            nasa_alpha=args.nasa_alpha,
+            hybrid=args.hybrid,
+            batch_size=args.batch_size,
+        )
+    except ValueError as err:
+        raise SystemExit(f"flashstep eval: {err}") from err
     report = evaluate_model(opts)
     print_report(report)
     if args.json:
@@ -483,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(e)
     e.add_argument("--prompts", required=True, help="prompt file: text (one a line, # comments) or JSONL")
     e.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
+    e.add_argument("--first-seed", type=int, default=0,
+                   help="seeds run from here (default 0, as the README's figures): a fresh range checks a choice made on another")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--json", default=None, help="write the report here")
     e.set_defaults(func=_cmd_eval)

@@ -23,6 +23,7 @@ from training.prompts import PromptSpec, load_prompts
 from training.shapes import ATTRIBUTES, is_held_out, parse_prompt, render_seed
 
 REFERENCE_SEED = 50_000_000  # real renders for FD/diversity come from seeds far from training's
+SEEDS_PER_PROMPT_RANGE = 1000  # prompt p's real renders take REFERENCE_SEED + p * 1000 + seed
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class EvalOptions:
     model: str
     prompts: Path
     seeds: int = 8
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1: a fresh range confirms a pick made on another
     models_root: Path | None = None
     family: str | None = None
     steps: int | None = None
@@ -38,6 +40,14 @@ class EvalOptions:
     hybrid: bool = False
     batch_size: int = 32
     judge_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"`seeds` must be >= 1 but is {self.seeds}")
+        if not 0 <= self.first_seed <= SEEDS_PER_PROMPT_RANGE - self.seeds:
+            raise ValueError(
+                f"`first_seed` must be in [0, {SEEDS_PER_PROMPT_RANGE - self.seeds}] (seeds {self.seeds}) but is {self.first_seed}"
+            )
 
 
 def images_to_tensor(images) -> torch.Tensor:
@@ -70,13 +80,13 @@ def generate_all(engine, requests: list[GenerationRequest], batch_size: int) -> 
     return images, seconds, evals
 
 
-def reference_renders(specs: list[PromptSpec], seeds: int) -> torch.Tensor:
+def reference_renders(specs: list[PromptSpec], seeds: range) -> torch.Tensor:
     """Real renders for each prompt x seed: named attributes fixed, the rest uniform."""
     arrays = []
     for p, spec in enumerate(specs):
         named = parse_prompt(spec.prompt)
-        for s in range(seeds):
-            arrays.append(render_seed(REFERENCE_SEED + p * 1000 + s, named, allow_held_out=True)[1])
+        for s in seeds:
+            arrays.append(render_seed(REFERENCE_SEED + p * SEEDS_PER_PROMPT_RANGE + s, named, allow_held_out=True)[1])
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -100,11 +110,12 @@ def evaluate_model(opts: EvalOptions, engine=None) -> dict:
             hybrid=opts.hybrid,
         )
 
+    seeds = range(opts.first_seed, opts.first_seed + opts.seeds)
     positives = [s for s in specs if not s.negative_prompt]
     negatives = [s for s in specs if s.negative_prompt]
-    requests = [request(s, seed, True) for s in positives for seed in range(opts.seeds)]
-    neg_requests = [request(s, seed, True) for s in negatives for seed in range(opts.seeds)]
-    neg_baseline = [request(s, seed, False) for s in negatives for seed in range(opts.seeds)]
+    requests = [request(s, seed, True) for s in positives for seed in seeds]
+    neg_requests = [request(s, seed, True) for s in negatives for seed in seeds]
+    neg_baseline = [request(s, seed, False) for s in negatives for seed in seeds]
     images, seconds, evals = generate_all(engine, requests + neg_requests + neg_baseline, opts.batch_size)
 
     feats, preds = judge.read(images_to_tensor(images))
@@ -117,6 +128,7 @@ def evaluate_model(opts: EvalOptions, engine=None) -> dict:
         "prompts": str(opts.prompts),
         "n_prompts": len(specs),
         "seeds_per_prompt": opts.seeds,
+        "first_seed": opts.first_seed,
         "n_images": len(images),
         "steps": resolved.num_inference_steps,
         "guidance_scale": resolved.guidance_scale,
@@ -139,7 +151,7 @@ def evaluate_model(opts: EvalOptions, engine=None) -> dict:
         report["attribute_accuracy"] = metrics.attribute_accuracy(named, judged[:n_pos])
         report["confusions"] = metrics.confusions(named, judged[:n_pos])
 
-        ref = reference_renders(positives, opts.seeds)
+        ref = reference_renders(positives, seeds)
         ref_feats, ref_preds = judge.read(ref)
         report["fd"] = metrics.frechet_distance(feats[:n_pos], ref_feats)
         scores = []
@@ -169,7 +181,7 @@ def evaluate_model(opts: EvalOptions, engine=None) -> dict:
 
 def print_report(report: dict) -> None:
     keys = [
-        "model", "family", "steps", "guidance_scale", "hybrid", "n_images", "seeds_per_prompt",
+        "model", "family", "steps", "guidance_scale", "hybrid", "n_images", "seeds_per_prompt", "first_seed",
         "adherence", "adherence_heldout", "fd", "diversity", "negative_efficacy",
         "negative_efficacy_without_negative", "negative_adherence",
         "negative_adherence_without_negative", "unet_evals_per_image", "seconds_per_image",

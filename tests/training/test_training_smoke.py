@@ -106,6 +106,48 @@ def test_eval_writes_every_report_key(tiny_teacher, tiny_judge, tmp_path):
     assert report["unet_evals_per_image"] == 4  # 2 steps with CFG
 
 
+class SeedRecorder:
+    """The real engine, with the seeds of every request it generates written down."""
+
+    def __init__(self, engine):
+        self.engine, self.seeds = engine, []
+
+    def generate(self, requests):
+        self.seeds += [r.seed for r in requests]
+        return self.engine.generate(requests)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def test_eval_first_seed_runs_a_fresh_seed_range(tiny_teacher, tiny_judge, tmp_path):
+    from models.registry import load_engine
+    from training.evaluate import EvalOptions, evaluate_model, reference_renders
+    from training.prompts import load_prompts
+
+    export, *_ = tiny_teacher
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red circle"}) + "\n" + json.dumps({"prompt": "a star"}) + "\n")
+    engine = SeedRecorder(load_engine(str(export)))
+    report = evaluate_model(
+        EvalOptions(model=str(export), prompts=prompts, seeds=2, first_seed=5, steps=1, judge_dir=tiny_judge[0]), engine
+    )
+    assert sorted(engine.seeds) == [5, 5, 6, 6] and report["first_seed"] == 5 and report["n_images"] == 4
+    # The real renders FD compares against move with the seeds: seeds 5-6 are rows 5-6 of the 0-7 range.
+    specs = load_prompts(prompts)
+    assert torch.equal(reference_renders(specs[:1], range(5, 7)), reference_renders(specs[:1], range(8))[5:7])
+
+
+@pytest.mark.parametrize(("seeds", "first_seed"), [(0, 0), (4, -1), (4, 997)])
+def test_eval_refuses_a_seed_range_outside_the_reference_renders(seeds, first_seed, tmp_path):
+    from training.evaluate import EvalOptions
+
+    with pytest.raises(ValueError, match="seed"):
+        EvalOptions(model="m", prompts=tmp_path / "p.jsonl", seeds=seeds, first_seed=first_seed)
+    with pytest.raises(SystemExit, match="flashstep eval: .*seed"):
+        flashstep_main(["eval", "--model", "m", "--prompts", "p.jsonl", "--seeds", str(seeds), "--first-seed", str(first_seed)])
+
+
 def test_cli_runs_the_two_phase_vae_recipe(tmp_path):
     assert flashstep_main(["train", "vae", "--tiny", "--steps", "4", "--runs", str(tmp_path)]) == 0
     assert (tmp_path / "vae" / "joint" / "train_state.safetensors").exists()
