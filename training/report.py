@@ -65,6 +65,7 @@ ROWS: tuple[Row, ...] = (
     Row("nasa", "shapes-hypersd-1step", 1, prompts="negative.jsonl"),
     Row("hybrid", "shapes-hypersd", 2, hybrid=True),
     Row("hybrid", "shapes-hypersd", 4, hybrid=True),
+    Row("hybrid", "shapes-hypersd", 8, hybrid=True),
     Row("hybrid", "shapes-2rf", 2, hybrid=True),
 )
 
@@ -145,11 +146,21 @@ def markdown(results: list[dict], seeds: int) -> str:
             f"{_f(r['negative_efficacy_without_negative'])} | {_f(r['negative_adherence'])} | "
             f"{_f(r['negative_adherence_without_negative'])} |"
         )
-    lines += ["", "| hybrid (teacher takes step 1) | UNet evals | adherence seen | FD | diversity |", "|---|---:|---:|---:|---:|"]
+    quality = {(r["row"]["model"], r["row"]["steps"]): r for r in results
+               if r["row"]["section"] == "quality" and not r.get("missing")}  # fmt: skip
+    teacher = quality.get(("shapes-teacher", 25), {})
+    lines += [
+        "",
+        "| hybrid (teacher takes step 1) | UNet evals | adherence seen | FD | diversity | diversity alone "
+        "| teacher@25 diversity |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         if r["row"]["section"] != "hybrid" or r.get("missing"):
             continue
+        alone = quality.get((r["row"]["model"], r["row"]["steps"]), {})  # the same model and steps, no hybrid
         lines.append(
-            f"| {r['label']} | {r['unet_evals_per_image']} | {_f(r['adherence'])} | {_f(r['fd'], 0)} | {_f(r['diversity'])} |"
+            f"| {r['label']} | {r['unet_evals_per_image']} | {_f(r['adherence'])} | {_f(r['fd'], 0)} | {_f(r['diversity'])} "
+            f"| {_f(alone.get('diversity'))} | {_f(teacher.get('diversity'))} |"
         )
     return "\n".join(lines) + "\n"

@@ -26,3 +26,26 @@ def test_quality_table_splits_adherence_into_shape_color_and_position():
     header = next(line for line in lines if line.startswith("| model |"))
     missing = next(line for line in lines if line.startswith("| shapes-2rf@2 "))
     assert header.count("|") == teacher.count("|") == missing.count("|")
+
+
+def test_hybrid_table_sets_each_hybrid_beside_the_same_model_alone_and_the_teacher():
+    rows = [
+        _row(Row("quality", "shapes-teacher", 25), unet_evals_per_image=50, seconds_per_image=0.04,
+             adherence=0.93, adherence_heldout=0.76, fd=358.0, diversity=0.921),
+        _row(Row("quality", "shapes-hypersd", 4), unet_evals_per_image=4, seconds_per_image=0.005,
+             adherence=0.95, adherence_heldout=0.79, fd=196.0, diversity=0.928),
+        _row(Row("quality", "shapes-hypersd", 8), unet_evals_per_image=8, seconds_per_image=0.008,
+             adherence=0.96, adherence_heldout=0.77, fd=249.0, diversity=0.867),
+        _row(Row("hybrid", "shapes-hypersd", 8, hybrid=True), unet_evals_per_image=8, adherence=0.968, fd=284.4,
+             diversity=0.872),
+        _row(Row("hybrid", "shapes-2rf", 2, hybrid=True), unet_evals_per_image=2, adherence=0.394, fd=545.0,
+             diversity=0.905),
+    ]
+    lines = markdown(rows, seeds=16).splitlines()
+    header = next(line for line in lines if line.startswith("| hybrid (teacher takes step 1) |"))
+    assert header.endswith("| diversity | diversity alone | teacher@25 diversity |")
+    hybrid8 = next(line for line in lines if line.startswith("| shapes-hypersd@8 hybrid "))
+    assert hybrid8 == "| shapes-hypersd@8 hybrid | 8 | 0.968 | 284 | 0.872 | 0.867 | 0.921 |"  # @8 alone, not @4
+    without_alone = next(line for line in lines if line.startswith("| shapes-2rf@2 hybrid "))
+    assert without_alone.endswith("| 0.905 | - | 0.921 |")  # no 2rf@2 row was evaluated
+    assert header.count("|") == hybrid8.count("|") == without_alone.count("|")
