@@ -53,3 +53,14 @@ def test_the_target_is_a_function_of_the_noise_and_the_teacher_moves_it(tiny_tea
     assert not torch.allclose(refine_with_teacher(teacher, x0, other, cond, cfg), first)
     assert first.shape == x0.shape and torch.isfinite(first).all()
     assert not torch.allclose(first, x0, atol=1e-3)
+
+
+def test_a_bf16_touch_up_runs_the_teacher_in_bfloat16_and_lands_near_the_fp32_one(tiny_teacher_dir):
+    teacher = load_teacher(tiny_teacher_dir)
+    gen = torch.Generator().manual_seed(2)
+    x0, z = (torch.randn((2, *teacher.latent_shape), generator=gen) for _ in range(2))
+    cond = teacher.encode_prompts(["a red circle", "a blue star"])
+    exact = refine_with_teacher(teacher, x0, z, cond, TeacherRefinement(timestep=200, steps=2))
+    fast = refine_with_teacher(teacher, x0, z, cond, TeacherRefinement(timestep=200, steps=2, bf16=True))
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)  # autocast ran, and handed back fp32
+    torch.testing.assert_close(fast, exact, atol=0.05 * exact.abs().max().item(), rtol=0)
