@@ -83,6 +83,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 # The stages with a bfloat16 path; every other stage refuses `--bf16` rather than run in fp32 unasked.
 BF16_STAGES = ("instaflow", "instaflow-refine", "hypersd-refine")
+# The leg stages, whose chains run one config several times: each leg may take its own noise and prompts.
+SEED_STAGES = ("instaflow-refine", "hypersd-refine")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -90,6 +92,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.bf16 and args.stage not in BF16_STAGES:
         raise SystemExit(f"flashstep train {args.stage}: --bf16 is for {', '.join(BF16_STAGES)} only")
+    if args.seed is not None and args.stage not in SEED_STAGES:
+        raise SystemExit(f"flashstep train {args.stage}: --seed is for {', '.join(SEED_STAGES)} only")
     if args.threads:
         torch.set_num_threads(args.threads)
     from training.architecture import ShapesArch
@@ -255,6 +259,8 @@ def _refine_instaflow(args: argparse.Namespace, runs: Path) -> dict:
     chosen = {field: value for field, value in given.items() if value}
     if args.perceptual_weight is not None:  # 0 is a real choice here (latent MSE alone)
         chosen["perceptual_weight"] = args.perceptual_weight
+    if args.seed is not None:
+        chosen["seed"] = args.seed
     try:  # the config checks the loss weights' range and names the field
         cfg = dataclasses.replace(cfg, **chosen)
     except ValueError as err:
@@ -281,7 +287,7 @@ def _teacher_refinement(args: argparse.Namespace):
 
     given = {field: getattr(args, name) for name, field in REFINE_FLAGS.items() if getattr(args, name) is not None}
     try:
-        return TeacherRefinement(**given) if given else None
+        return TeacherRefinement(**given, bf16=args.bf16) if given else None
     except ValueError as err:
         raise SystemExit(f"flashstep train {args.stage}: {err}") from err
 
@@ -304,6 +310,8 @@ def _refine_hypersd(args: argparse.Namespace, runs: Path) -> dict:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     if args.lr:
         cfg = dataclasses.replace(cfg, lr=args.lr)
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.seed)
     if args.regression_source:
         if args.pairs or args.pairs_from:
             raise SystemExit("flashstep train hypersd-refine: --regression-source replaces the teacher pairs; drop --pairs / --pairs-from")
@@ -456,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fake-updates", type=int, default=None, help="instaflow-refine, hypersd-refine: the DMD fake score's LoRA steps per student step (default 2; DMD2's two time-scale rule uses 5, so the fake score keeps up with the student's samples)")
     t.add_argument("--pairs", type=int, default=None, help="instaflow-refine, hypersd-refine: teacher ODE pairs to train on (default 12,288; the first ones are the recipe's, missing ones are generated); for hypersd-refine, turns on the regression term")
     t.add_argument("--pairs-from", type=int, default=None, help="instaflow-refine, hypersd-refine: index of the first pair (a multiple of 128): pairs are seeded by index, so a leg can train on pairs earlier legs never saw (default 0)")
-    t.add_argument("--bf16", action="store_true", help="instaflow, instaflow-refine (hypersd-refine: the pairs only): teacher pairs and the student's forward passes under bfloat16 autocast (2.0x and 1.4x faster on the 2-core CPU)")
+    t.add_argument("--bf16", action="store_true", help="instaflow, instaflow-refine: teacher pairs, the teacher's touch-up (--source-refine-*) and the student's forward passes under bfloat16 autocast (2.0x and 1.4x faster on the 2-core CPU); hypersd-refine: the pairs and the touch-up only (the LoRA's own passes stay fp32: bfloat16 made them slower)")
+    t.add_argument("--seed", type=int, default=None, help="instaflow-refine, hypersd-refine: the leg's seed for its noise and prompts; legs of one chain on the same seed revisit the same batches, so give each its own to see fresh noise throughout (default: the recipe's, hypersd-refine 9500, instaflow-refine 7000)")
     t.add_argument("--lr", type=float, default=None, help="instaflow-refine, swiftbrush, hypersd-refine: the student's peak learning rate (defaults 1e-4, 3e-4, 2e-4)")
     t.add_argument("--guidance-range", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="swiftbrush: PG-SB's range for the guidance scale both teachers use, kappa ~ U(LO, HI) (default 0.5 2)")
     t.add_argument("--lora-warmup", type=int, default=None, help="swiftbrush: the first N of --steps train only the LoRA teacher, on the starting student's samples (default 0)")

@@ -538,6 +538,8 @@ class HyperSDRefineConfig:
     # average starts at the student's LoRA and weighs it decay ** steps at the end.
     ema_decay: float | None = None
     save_every: int = 100
+    # The leg's noise and prompts. Legs of one chain on the same seed revisit the same batches; a chain
+    # whose legs each take their own sees fresh noise throughout, as served noise is.
     seed: int = 9500
 
     def __post_init__(self) -> None:
@@ -738,14 +740,6 @@ def refine_hypersd(
         raise ValueError(f"`export_rank` {cfg.export_rank} is above the rank {base.rank} the leg trains at")
     one_step_t = cfg.one_step_timestep or int(student_cfg.timesteps.get("1", [999])[0])
     latents, labels = training_latents(teacher, cfg.latents, base.seed, run_dir / "latents", progress)
-    if isinstance(cfg.regression, SourceRegressionConfig):
-        regression = SourceRegression(teacher, cfg.regression, judge, cfg.seed)
-    elif isinstance(cfg.regression, SelfRegressionConfig):
-        regression = SelfRegression(teacher, cfg.regression, judge, cfg.seed, eta=student_cfg.eta)
-    elif cfg.regression is not None:
-        regression = PairRegression(teacher, cfg.regression, run_dir / "pairs", judge, progress)
-    else:
-        regression = None
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     matching = DistributionMatching(teacher, cfg.matching) if cfg.matching is not None else None
@@ -756,6 +750,15 @@ def refine_hypersd(
     optimizers = {"lora": opt, **extra_opts}
     state_dir = run_dir / "refine"
     start = load_train_state(state_dir, modules, optimizers) or 0
+    # Seeded past `start`, as rng is: a resumed leg draws prompts it has not trained on yet.
+    if isinstance(cfg.regression, SourceRegressionConfig):
+        regression = SourceRegression(teacher, cfg.regression, judge, cfg.seed + start)
+    elif isinstance(cfg.regression, SelfRegressionConfig):
+        regression = SelfRegression(teacher, cfg.regression, judge, cfg.seed + start, eta=student_cfg.eta)
+    elif cfg.regression is not None:
+        regression = PairRegression(teacher, cfg.regression, run_dir / "pairs", judge, progress)
+    else:
+        regression = None
     timer = Timer(state_dir)
     rng = np.random.default_rng(cfg.seed + start)
     gen = torch.Generator().manual_seed(cfg.seed + start)
@@ -790,7 +793,7 @@ def refine_hypersd(
     leg = {"student": student_dir.name, "steps": cfg.steps, "lr": cfg.lr, "recipe": leg_recipe(cfg),
            "one_step_timestep": one_step_t, "tscd_weight": cfg.tscd_weight, "rank": base.rank, "export_rank": cfg.export_rank or base.rank,
            "distribution_matching": config_dict(cfg.matching) if cfg.matching is not None else None, "ema_decay": cfg.ema_decay,
-           "train_seconds": round(timer.seconds),
+           "train_seconds": round(timer.seconds), "seed": cfg.seed,
            "commit": git_commit()}  # fmt: skip
     if regression is not None:
         leg["regression"] = config_dict(cfg.regression)

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from safetensors.torch import load_file
 
 from flashstep.cli import DISTILL_STAGES
 from flashstep.cli import main as flashstep_main
@@ -106,7 +107,7 @@ def test_refine_an_instaflow_student_from_the_command_line(tiny_teacher_dir, tmp
     weighted = ["--perceptual-weight", "3"]
     assert flashstep_main([*argv[:-6], *argv[-4:], *self_refined, *weighted, "--out", str(tmp_path / "self")]) == 0
     leg = FlashstepConfig.load(tmp_path / "self").provenance["refinements"][0]
-    assert (leg["pairs"], leg["self_refine"]) == (0, {"timestep": 400, "steps": 2, "guidance": 2.0})
+    assert (leg["pairs"], leg["self_refine"]) == (0, {"timestep": 400, "steps": 2, "guidance": 2.0, "bf16": False})
     assert leg["perceptual_weight"] == 3.0
     with pytest.raises(SystemExit, match="instaflow-refine: `perceptual_weight` must be >= 0 but is -1"):
         flashstep_main([*argv, *self_refined, "--perceptual-weight", "-1", "--out", str(tmp_path / "self")])
@@ -236,7 +237,7 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tiny_inst
     fresh = ["--runs", str(tmp_path / "src-refined-runs"), *sourced[2:]]  # a finished run dir would only re-export
     assert flashstep_main([*argv[:-2], *fresh, *refined_src, "--out", str(tmp_path / "src-refined")]) == 0
     leg = FlashstepConfig.load(tmp_path / "src-refined").provenance["refinements"][-1]
-    assert leg["regression"]["refine"] == {"timestep": 300, "steps": 2, "guidance": 2.0}
+    assert leg["regression"]["refine"] == {"timestep": 300, "steps": 2, "guidance": 2.0, "bf16": False}
     assert leg["recipe"].endswith("one-step samples, refined by the teacher (t=300, 2 DDIM steps, CFG 2)")
     with pytest.raises(SystemExit, match="`steps` must be in \\[1, timestep=300\\] but is 0"):
         flashstep_main([*argv[:-2], *sourced, "--source-refine-steps", "0", "--out", str(tmp_path / "src-refined")])
@@ -246,6 +247,19 @@ def test_refine_a_hypersd_lora_from_the_command_line(tiny_teacher_dir, tiny_inst
     leg = FlashstepConfig.load(tmp_path / "self").provenance["refinements"][-1]
     assert (leg["regression"]["refine"]["timestep"], leg["regression"]["weight"], leg["regression"]["perceptual_weight"]) == (300, 2.0, 4.0)
     assert leg["recipe"] == "regression on its own one-step samples, refined by the teacher (t=300, 2 DDIM steps, CFG 2)"
+    # --seed gives a leg its own noise and prompts (a chain's legs need not revisit one another's batches);
+    # --bf16 runs the teacher's touch-up under bfloat16 autocast.
+    reseeded = ["--runs", str(tmp_path / "seed-runs"), *own[2:], "--seed", "7"]
+    assert flashstep_main([*argv[:-2], *reseeded, "--out", str(tmp_path / "seeded")]) == 0
+    seeded = FlashstepConfig.load(tmp_path / "seeded").provenance["refinements"][-1]
+    assert (seeded["seed"], leg["seed"], seeded["regression"]["refine"]["bf16"]) == (7, 9500, False)
+    lora_a, lora_b = (load_file(tmp_path / name / "pytorch_lora_weights.safetensors") for name in ("self", "seeded"))
+    assert lora_a.keys() == lora_b.keys() and any(not torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+    in_bf16 = ["--runs", str(tmp_path / "bf16-runs"), *own[2:], "--bf16"]
+    assert flashstep_main([*argv[:-2], *in_bf16, "--out", str(tmp_path / "bf16")]) == 0
+    assert FlashstepConfig.load(tmp_path / "bf16").provenance["refinements"][-1]["regression"]["refine"]["bf16"] is True
+    with pytest.raises(SystemExit, match="--seed is for instaflow-refine, hypersd-refine only"):
+        flashstep_main(["train", "hypersd", *common, "--seed", "7", "--out", str(models)])
     # --regression-steps: the LoRA's own 1- and 2-step samples, with TSCD kept so every step count stays served.
     multi = ["--runs", str(tmp_path / "multi-runs"), "--dmd-weight", "0", *weights, *refined_src, "--regression-steps", "1", "2"]
     assert flashstep_main([*argv[:-2], *multi, "--out", str(tmp_path / "multi")]) == 0

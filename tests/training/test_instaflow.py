@@ -204,7 +204,7 @@ def test_a_self_refined_leg_needs_no_pairs_and_records_its_target(tiny_teacher_d
                               teacher_dir=tiny_teacher_dir, judge=random_judge, progress=False)  # fmt: skip
     assert report["pairs_seconds"] == 0 and not (tmp_path / "self" / "pairs").exists()
     (leg,) = FlashstepConfig.load(tmp_path / "refined").provenance["refinements"]
-    assert (leg["steps"], leg["pairs"], leg["self_refine"]) == (2, 0, {"timestep": 200, "steps": 1, "guidance": 2.0})
+    assert (leg["steps"], leg["pairs"], leg["self_refine"]) == (2, 0, {"timestep": 200, "steps": 1, "guidance": 2.0, "bf16": False})
     assert leg["target"] == "its own one-step sample of fresh noise, refined by the teacher (t=200, 1 DDIM steps, CFG 2)"
     assert "pair_start" not in leg
     old = UNet2DConditionModel.from_pretrained(tmp_path / "one" / "unet").state_dict()
