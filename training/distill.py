@@ -117,6 +117,11 @@ class PromptSampler:
         return out
 
 
+def autocast(module: torch.nn.Module, bf16: bool):
+    """bfloat16 autocast on the module's device type, or a no-op context."""
+    return torch.autocast(next(module.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def unet_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
     """One UNet call: x (B, C, h, w), t (B,) timesteps, embeds (B, L, C) -> (B, C, h, w)."""
     return unet(x, t, encoder_hidden_states=embeds).sample

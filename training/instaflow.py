@@ -59,6 +59,7 @@ from training.distill import (
     Provenance,
     Teacher,
     Timer,
+    autocast,
     export_student,
     load_teacher,
     lr_at,
@@ -133,11 +134,6 @@ def teacher_pairs(
     model = Denoiser(teacher.unet, cond, "epsilon", schedule)
     with autocast(teacher.unet, bf16):
         return sample_dpmpp_2m(model, noise.clone(), linspace_timesteps(steps), schedule, []).float()
-
-
-def autocast(module: torch.nn.Module, bf16: bool):
-    """bfloat16 autocast on the module's device type, or a no-op context."""
-    return torch.autocast(next(module.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def _chunk_paths(cfg: InstaFlowTrainConfig, folder: Path) -> list[tuple[Path, int, int]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training.distill import Teacher, cfg_eps, ddim_jump
+from training.distill import Teacher, autocast, cfg_eps, ddim_jump
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def refine_with_teacher(
     grid = cfg.timesteps()
     x = abar[grid[0]].sqrt() * x0 + (1 - abar[grid[0]]).sqrt() * z
     for t, s in zip(grid[:-1], grid[1:], strict=True):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with autocast(teacher.unet, cfg.bf16):
             eps = cfg_eps(teacher.unet, x, torch.full((n,), t), cond, uncond, cfg.guidance)
         landing = abar[s] if s > 0 else torch.ones(())  # abar = 1: the last jump lands on the x0 prediction
         x = ddim_jump(x, eps.float(), abar[t].expand(n), landing.expand(n))
