@@ -31,7 +31,7 @@ COPY kernels/ kernels/
 COPY training/ training/
 COPY bench/ bench/
 RUN python -m pip install . \
-    && python -c "import server.app, torch; print('flashstep on torch', torch.__version__)"
+    && python -c "import flashstep.server.app, torch; print('flashstep on torch', torch.__version__)"
 
 # 2. A non-root user, and the models root seeded with the shipped models.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin flashstep \

@@ -12,7 +12,7 @@ STAMP := $(VENV)/.flashstep-installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint bench clean-venv
+.PHONY: install serve test test-fast lint bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ serve: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The fast lane: everything but the tests marked slow (real training legs, subprocess servers).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,1 +1,0 @@
-"""flashstep models package."""

@@ -1,1 +1,0 @@
-"""flashstep training package."""
