@@ -5,7 +5,7 @@
 the test suite fast. Both produce ordinary diffusers / transformers modules, so a folder saved
 from them loads in vanilla `StableDiffusionPipeline` too.
 
-Why these sizes (measured on the 2-core CPU this project is built on): the VAE follows
+Why these sizes (chosen for CPU training): the VAE follows
 DESIGN.md's hint to go leaner than (32, 64, 64, 64) — the first 64x64 stage dominates its cost,
 so it gets 16 channels and one ResNet per block; the UNet works on 8x8x4 latents, so three
 levels (8 -> 4 -> 2) with cross-attention on the first two are enough.

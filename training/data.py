@@ -7,12 +7,22 @@ thousands of images, a few hundred MB at most) and then samples batches from mem
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.shapes import ATTRIBUTES, render, sample_scene, sample_training_example
+from flashstep.training.shapes import (
+    ATTRIBUTES,
+    random_caption,
+    render,
+    sample_scene,
+    sample_training_example,
+)
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 
 @dataclass
@@ -55,3 +65,26 @@ def render_dataset(n: int, seed: int, allow_held_out: bool = False, progress: bo
         labels[i] = encode_labels(scene.attributes())
         captions.append(caption)
     return ShapesDataset(images, labels, captions)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+    """Scaled posterior means (N, 4, 8, 8) of uint8 images (N, 64, 64, 3): the UNet's data."""
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc="encode", disable=not progress, mininterval=5.0):
+        x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def captions_for_labels(labels: np.ndarray, rng: np.random.Generator, dropout: float) -> list[str]:
+    """A fresh random caption per row of attribute indices; `dropout` of them empty."""
+    names = list(ATTRIBUTES)
+    captions = []
+    for row in labels:
+        if rng.random() < dropout:
+            captions.append("")
+        else:
+            attrs = {name: ATTRIBUTES[name][int(i)] for name, i in zip(names, row, strict=True)}
+            captions.append(random_caption(attrs, rng))
+    return captions

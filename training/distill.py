@@ -1,6 +1,6 @@
 """What every distillation recipe shares: the frozen teacher, training prompts, CFG, export.
 
-Recipes (`swiftbrush.py`, `instaflow.py`, `hypersd.py`) start from a servable teacher folder
+Recipes (`training/recipes/`) start from a servable teacher folder
 (by default the shipped `shapes-teacher`) rather than from a training run, so anyone holding a
 diffusers folder can distil it. The text encoder and VAE stay frozen: students learn only their
 UNet (or a LoRA on it), which is what lets them share the teacher's prompt embeddings and decoder
@@ -21,14 +21,14 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from models.flashstep_config import FlashstepConfig
-from models.registry import SHIPPED_MODELS_DIR
-from training.export import export_servable, git_commit
-from training.shapes import sample_training_example
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.registry import SHIPPED_MODELS_DIR
+from flashstep.training.export import export_servable, git_commit, hardware
+from flashstep.training.shapes import sample_training_example
 
 DEFAULT_TEACHER = SHIPPED_MODELS_DIR / "shapes-teacher"
-# The teacher's step in a multi-step student's diversity hybrid runs without CFG: on ShapesBench
-# (4 seeds) CFG 4 there gave hypersd@2 FD 3096 / diversity 0.56, CFG 1 gave FD 1317 / 0.86.
+# The teacher's step in a multi-step student's diversity hybrid runs without CFG: guidance there
+# collapses the diversity the hybrid exists to add.
 HYBRID_GUIDANCE_SCALE = 1.0
 
 
@@ -74,7 +74,7 @@ class Teacher:
 
 def load_teacher(folder: str | Path = DEFAULT_TEACHER) -> Teacher:
     """Load a servable epsilon-prediction folder as a frozen float32 teacher."""
-    from models.schedule import NoiseSchedule
+    from flashstep.models.schedule import NoiseSchedule
 
     folder = Path(folder)
     config = FlashstepConfig.load(folder)
@@ -141,6 +141,12 @@ def cfg_eps(
     return e_u + w * (e_c - e_u)
 
 
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (DDPM eq. 4), abar_t (B,) per sample."""
+    a = abar_t.view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
 def ddim_jump(x: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor, abar_s: torch.Tensor) -> torch.Tensor:
     """Deterministic DDIM from t to s (Song et al. 2021, eq. 12, sigma = 0), abar per sample (B,).
 
@@ -197,6 +203,7 @@ class Provenance:
     batch_size: int
     seconds: float
     extra: dict = field(default_factory=dict)
+    device: str = "cpu"  # where the run trained: `hardware` names the GPU of a CUDA run
 
     def to_dict(self) -> dict:
         return {
@@ -205,7 +212,7 @@ class Provenance:
             "steps": self.steps,
             "batch_size": self.batch_size,
             "train_seconds": round(self.seconds),
-            "hardware": "2-core CPU",
+            "hardware": hardware(self.device),
             "commit": git_commit(),
             **self.extra,
         }

@@ -11,7 +11,7 @@ denoise it, and move x from the second towards the first. DMD1 pairs it with a r
 as here: the regression keeps the ODE coupling (and diversity), the matching term the modes.
 
 - real score: the frozen teacher with classifier-free guidance at `guidance` (one batched call);
-- fake score: the SwiftBrush LoRA teacher (`training.swiftbrush.lora_teacher`), conditional only
+- fake score: the SwiftBrush LoRA teacher (`training.lora.lora_teacher`), conditional only
   as in DMD2, fitted by epsilon-MSE on the student's detached samples `fake_updates` times per
   student step; it starts equal to the teacher, so the first `fake_warmup` steps only fit it
   (otherwise the first gradients would be the bare guidance direction);
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from training.distill import Teacher, cfg_eps, unet_eps
-from training.swiftbrush import LORA_TARGETS, adapters_off, add_noise, lora_teacher, lora_weights
+from flashstep.training.distill import Teacher, add_noise, cfg_eps, unet_eps
+from flashstep.training.lora import LORA_TARGETS, adapters_off, lora_teacher, lora_weights
 
 
 @dataclass(frozen=True)

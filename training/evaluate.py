@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.outputs import GenerationRequest
-from training import metrics
-from training.judge import Judge
-from training.prompts import PromptSpec, load_prompts
-from training.shapes import ATTRIBUTES, is_held_out, parse_prompt, render_seed
+from flashstep.models.outputs import GenerationRequest
+from flashstep.training import metrics
+from flashstep.training.judge import Judge
+from flashstep.training.prompts import PromptSpec, load_prompts
+from flashstep.training.shapes import ATTRIBUTES, is_held_out, parse_prompt, render_seed
 
 REFERENCE_SEED = 50_000_000  # real renders for FD/diversity come from seeds far from training's
 SEEDS_PER_PROMPT_RANGE = 1000  # prompt p's real renders take REFERENCE_SEED + p * 1000 + seed
@@ -92,7 +92,7 @@ def reference_renders(specs: list[PromptSpec], seeds: range) -> torch.Tensor:
 
 def evaluate_model(opts: EvalOptions, engine=None) -> dict:
     """Run ShapesBench and return the report (every key documented in the README)."""
-    from models.registry import load_engine
+    from flashstep.models.engine import load_engine
 
     specs = load_prompts(opts.prompts)
     if engine is None:

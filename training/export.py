@@ -9,6 +9,7 @@ engine upcast them on CPU).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from models.flashstep_config import FlashstepConfig
-from training.architecture import ShapesArch, build_text_encoder, build_unet, build_vae
-from training.tokenizer import build_tokenizer
+from flashstep.models.diffusers_compat import make_diffusers_compatible
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.training.architecture import ShapesArch, build_text_encoder, build_unet, build_vae
+from flashstep.training.tokenizer import build_tokenizer
 
 # Stable Diffusion 1.x's noise schedule: every family's timestep arithmetic assumes it.
 SD_SCHEDULE = dict(
@@ -40,6 +42,16 @@ SD_SCHEDULE = dict(
 def training_scheduler() -> DDPMScheduler:
     """The forward-noising schedule used in training (SD1.x's)."""
     return DDPMScheduler(**SD_SCHEDULE, clip_sample=False)
+
+
+def hardware(device: torch.device | str | None = None) -> str:
+    """The machine a run trained on, for provenance: the CPU's core count, plus the GPU's name when
+    the run trained on `device` and that is a CUDA device."""
+    cpu = f"{os.cpu_count()}-core CPU"
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        return f"{cpu}, {torch.cuda.get_device_name(device)}"
+    return cpu
 
 
 def git_commit() -> str:
@@ -88,6 +100,8 @@ def export_servable(
     pipe.to(torch.float32)
     _write_slow_tokenizer_files(folder / "tokenizer")
     config.save(folder)
+    # A velocity UNet gets diffusers' flow-matching sign and scheduler, so vanilla pipelines sample it too.
+    make_diffusers_compatible(folder)
     return folder
 
 

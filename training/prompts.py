@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.shapes import (
+from flashstep.training.shapes import (
     BACKGROUNDS,
     COLORS,
     HELD_OUT_PAIRS,

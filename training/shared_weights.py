@@ -18,7 +18,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from models.flashstep_config import CONFIG_NAME, FlashstepConfig
+from flashstep.models.flashstep_config import CONFIG_NAME, FlashstepConfig
 
 
 def _digest(path: Path) -> str:

@@ -1,16 +1,15 @@
 """A one-step sample touched up by the teacher: re-noised with its own noise, then a few guided DDIM steps.
 
 The one-step LoRA learns by regression onto a one-step source's map (`SourceRegressionConfig`), and
-it lands about 0.05 of adherence below its source: the target's own errors (neighbouring hues,
+it lands below its source: the target's own errors (neighbouring hues,
 circles drawn as squares) become the LoRA's. SDEdit (Meng et al. 2022, arXiv:2108.01073) shows a
 sample noised part-way and denoised again keeps its layout and takes the denoiser's detail; here the
 denoiser is the guided teacher at the scale it names colours best. The re-noising reuses the very
 noise z the source started from, so the refined target stays a deterministic function of z, as the
 regression needs: one z, one target, the same map a LoRA can fit, only with the teacher's colours.
 
-On ShapesBench (8 seeds, `shapes-instaflow` as the source) seen adherence goes 0.875 -> 0.931 at
-t = 300, 2 steps, CFG 2 (colour read as named 0.864 -> 0.936), for 4 extra teacher evaluations per
-target; 1 step from 200 gives 0.910, from 400 0.777 (too much noise for one step to remove).
+The defaults (t = 300, 2 steps, CFG 2) cost 4 extra teacher evaluations per target; from much
+higher up, one or two steps cannot remove the noise again.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training.distill import Teacher, autocast, cfg_eps, ddim_jump
+from flashstep.training.distill import Teacher, autocast, cfg_eps, ddim_jump
 
 
 @dataclass(frozen=True)
@@ -30,8 +29,8 @@ class TeacherRefinement:
     timestep: int = 300
     steps: int = 2
     guidance: float = 2.0
-    # The teacher's steps under bfloat16 autocast: 0.21 -> 0.15 s per batch of 32 (t=500, 4 steps, CFG 2) on
-    # the 2-core CPU, the target moving by 0.5% of its mean magnitude, far inside what the regression leaves.
+    # The teacher's steps under bfloat16 autocast: faster on CPUs with bfloat16 support, and the target
+    # moves far less than what the regression leaves.
     bf16: bool = False
 
     def __post_init__(self) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from training.shapes import ATTRIBUTES, parse_prompt
+from flashstep.training.shapes import ATTRIBUTES, parse_prompt
 
 
 class AttributeHeads(torch.nn.Module):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from transformers import CLIPTokenizer
 
-from training.shapes import ATTRIBUTES, POSITION_PHRASE, sample_training_example
+from flashstep.training.shapes import ATTRIBUTES, POSITION_PHRASE, sample_training_example
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"

@@ -3,8 +3,8 @@
 SwiftBrush v2 (Dao et al. 2024, arXiv:2407.14294, Sec. 3.1) initialises its student from SD-Turbo
 rather than from SD: VSD then refines a generator that already draws the prompt, instead of
 having to turn a multi-step denoiser into one from scratch. On shapes, SwiftBrush from the
-teacher stays far below the instaflow student (seen adherence 0.344 against 0.821), so the
-stronger start here is the shipped `shapes-instaflow`.
+teacher stays far below the instaflow student in adherence, so the stronger start here is the
+shipped `shapes-instaflow`.
 
 The two students are parameterised differently: instaflow's one step is `x0 = z + v(z, 1000)`,
 swiftbrush's `x0 = (z - sqrt(1 - abar_999) eps(z, 999)) / sqrt(abar_999)`. The UNet's output
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training.checkpointing import EMA, config_dict, load_train_state, save_train_state
-from training.distill import (
+from flashstep.training.checkpointing import EMA, config_dict, load_train_state, save_train_state
+from flashstep.training.distill import (
     PromptSampler,
     Teacher,
     Timer,
@@ -36,8 +36,9 @@ from training.distill import (
     set_lr,
     student_unet,
 )
-from training.instaflow import JudgePerceptual, load_instaflow_unet, one_step, one_step_student_config
-from training.judge import Judge
+from flashstep.training.judge import Judge
+from flashstep.training.perceptual import JudgePerceptual
+from flashstep.training.rectified_flow import load_instaflow_unet, one_step, one_step_student_config
 
 
 @dataclass(frozen=True)

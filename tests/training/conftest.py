@@ -7,11 +7,11 @@ teacher is, so every recipe loads it through the same `load_teacher` path as the
 import pytest
 import torch
 
-from models.flashstep_config import FlashstepConfig
-from training.architecture import ShapesArch
-from training.export import export_random
-from training.instaflow import InstaFlowTrainConfig
-from training.judge import Judge
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.training.architecture import ShapesArch
+from flashstep.training.export import export_random
+from flashstep.training.judge import Judge
+from flashstep.training.rectified_flow import InstaFlowTrainConfig
 
 # The instaflow recipe in seconds: what its tests and the distribution-matching refinement's run.
 INSTAFLOW_TINY = InstaFlowTrainConfig(

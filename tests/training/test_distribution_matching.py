@@ -7,26 +7,23 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from models.engine import Engine
-from models.flashstep_config import FlashstepConfig
-from models.outputs import GenerationRequest
-from tests.training.conftest import INSTAFLOW_TINY as TINY
-from training.checkpointing import TRAIN_STATE
-from training.distill import load_teacher, student_unet, unet_eps
-from training.distribution_matching import (
+from flashstep.models.engine import Engine
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.outputs import GenerationRequest
+from flashstep.training.checkpointing import TRAIN_STATE
+from flashstep.training.distill import add_noise, load_teacher, student_unet, unet_eps
+from flashstep.training.distribution_matching import (
     DistributionMatching,
     DistributionMatchingConfig,
     dmd_grad,
     predicted_x0,
 )
-from training.instaflow import (
-    JudgePerceptual,
-    one_step,
-    one_step_loss,
-    refine_instaflow,
-    train_instaflow,
-)
-from training.swiftbrush import adapters_off, add_noise
+from flashstep.training.lora import adapters_off
+from flashstep.training.perceptual import JudgePerceptual
+from flashstep.training.recipes.instaflow import train_instaflow
+from flashstep.training.recipes.instaflow_refine import refine_instaflow
+from flashstep.training.rectified_flow import one_step, one_step_loss
+from tests.training.conftest import INSTAFLOW_TINY as TINY
 
 
 def test_dmd_gradient_matches_a_hand_computation():
@@ -53,6 +50,7 @@ def test_the_config_refuses_a_fake_score_that_never_updates_and_a_timestep_range
         DistributionMatchingConfig(t_range=(500, 1000))
 
 
+@pytest.mark.slow
 def test_with_no_guidance_and_an_untrained_fake_score_the_gradient_is_zero(tiny_teacher_dir):
     # The fake score starts equal to the teacher; with the real score unguided the two agree, so
     # the matching term must not move the student until the fake score has learned its samples.
@@ -73,6 +71,7 @@ def test_with_no_guidance_and_an_untrained_fake_score_the_gradient_is_zero(tiny_
     assert grad.abs().max() > 1e-6 and math.isfinite(grad.norm().item())
 
 
+@pytest.mark.slow
 def test_fitting_the_fake_score_trains_only_its_lora_and_the_real_score_stays_the_teacher(tiny_teacher_dir):
     teacher = load_teacher(tiny_teacher_dir)
     matching = DistributionMatching(teacher, DistributionMatchingConfig(fake_updates=3, lora_lr=1e-2))
@@ -90,6 +89,7 @@ def test_fitting_the_fake_score_trains_only_its_lora_and_the_real_score_stays_th
     assert all("lora_" in name for name, _ in modules["fake_score"].named_parameters())
 
 
+@pytest.mark.slow
 def test_a_refinement_with_distribution_matching_saves_its_fake_score_and_records_the_term(
     tiny_teacher_dir, random_judge, tmp_path
 ):
@@ -117,6 +117,7 @@ def test_a_refinement_with_distribution_matching_saves_its_fake_score_and_record
     assert result.unet_evals == 1 and result.images[0].size == (64, 64)
 
 
+@pytest.mark.slow
 def test_the_one_step_loss_matches_distributions_on_fresh_noise_not_on_the_pairs_noise(tiny_teacher_dir, random_judge):
     # The student fits its fixed set of pair noises far better than new noise; the served case is new noise.
     teacher = load_teacher(tiny_teacher_dir)

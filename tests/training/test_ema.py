@@ -2,7 +2,7 @@
 
 import torch
 
-from training.checkpointing import EMA
+from flashstep.training.checkpointing import EMA
 
 
 def _module(value: float) -> torch.nn.Module:

@@ -10,39 +10,41 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from models.denoiser import Conditioning, Denoiser
-from models.engine import Engine
-from models.families.hypersd import sample_tcd
-from models.flashstep_config import FlashstepConfig
-from models.outputs import GenerationRequest
-from models.schedule import NoiseSchedule
-from training.checkpointing import TRAIN_STATE
-from training.distill import DEFAULT_TEACHER, PromptSampler, ddim_jump, load_teacher, unet_eps
-from training.distribution_matching import DistributionMatchingConfig
-from training.hypersd import (
-    LORA_WEIGHT_NAME,
+from flashstep.models.denoiser import Conditioning, Denoiser
+from flashstep.models.engine import Engine
+from flashstep.models.families.hypersd import sample_tcd
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.outputs import GenerationRequest
+from flashstep.models.schedule import NoiseSchedule
+from flashstep.training.checkpointing import TRAIN_STATE
+from flashstep.training.distill import DEFAULT_TEACHER, PromptSampler, ddim_jump, load_teacher, unet_eps
+from flashstep.training.distribution_matching import DistributionMatchingConfig
+from flashstep.training.recipes.hypersd import train_hypersd
+from flashstep.training.recipes.hypersd_refine import (
     HyperSDRefineConfig,
-    HyperSDTrainConfig,
     PairRegression,
     PairRegressionConfig,
     SelfRegression,
     SelfRegressionConfig,
     SourceRegression,
     SourceRegressionConfig,
+    refine_hypersd,
+)
+from flashstep.training.rectified_flow import one_step
+from flashstep.training.teacher_refinement import TeacherRefinement, refine_with_teacher
+from flashstep.training.tscd import (
+    LORA_WEIGHT_NAME,
+    HyperSDTrainConfig,
     base_reference,
     load_lora_student,
     lora_student,
     low_rank_lora,
     one_step_sample,
-    refine_hypersd,
     segment_boundaries,
     segment_start,
     solver_timesteps,
     stage_of,
-    train_hypersd,
 )
-from training.instaflow import one_step
-from training.teacher_refinement import TeacherRefinement, refine_with_teacher
 
 TINY = HyperSDTrainConfig(latents=8, stage_steps=(2, 1, 1, 1), rank=4, batch_size=2, warmup=1, save_every=2)
 ATOL = 1e-4  # float32 UNet outputs of the tiny model, fused vs. PEFT-wrapped
@@ -91,6 +93,7 @@ def test_base_is_named_when_a_models_root_resolves_it(tmp_path):
     assert base_reference(elsewhere, tmp_path / "b" / "shapes-hypersd") == str(elsewhere.resolve())
 
 
+@pytest.mark.slow
 def test_hypersd_recipe_trains_resumes_and_exports_a_lora_folder(tiny_teacher_dir, tmp_path):
     run, out = tmp_path / "run", tmp_path / "shapes-hypersd"
     first = train_hypersd(TINY, run, None, teacher_dir=tiny_teacher_dir, progress=False)
@@ -177,6 +180,7 @@ def test_the_one_step_sample_refinement_trains_is_the_served_one_step_tcd_sample
     assert torch.allclose(served_800, abar_0.sqrt() * x0 + (1 - abar_0).sqrt() * 0.3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_score_distillation_refines_an_exported_lora_and_records_the_leg(tiny_teacher_dir, tmp_path):
     student = tmp_path / "shapes-hypersd"
     train_hypersd(TINY, tmp_path / "run", student, teacher_dir=tiny_teacher_dir, progress=False)
@@ -210,6 +214,7 @@ def test_score_distillation_refines_an_exported_lora_and_records_the_leg(tiny_te
         assert result.unet_evals == steps and result.images[0].size == (64, 64)
 
 
+@pytest.mark.slow
 def test_a_refinement_can_move_the_one_step_timestep_and_the_export_serves_one_step_there(tiny_teacher_dir, tmp_path):
     student = tmp_path / "shapes-hypersd"
     train_hypersd(TINY, tmp_path / "run", student, teacher_dir=tiny_teacher_dir, progress=False)
@@ -233,6 +238,7 @@ def test_a_refinement_can_move_the_one_step_timestep_and_the_export_serves_one_s
     assert FlashstepConfig.load(tmp_path / "refined2").timesteps["1"] == [800]
 
 
+@pytest.mark.slow
 def test_a_leg_with_an_ema_exports_the_lora_average_its_train_state_keeps_not_the_last_weights(tiny_teacher_dir, tmp_path):
     student = tmp_path / "shapes-hypersd"
     train_hypersd(TINY, tmp_path / "run", student, teacher_dir=tiny_teacher_dir, progress=False)
@@ -262,6 +268,7 @@ def test_an_ema_decay_outside_zero_to_one_is_refused_by_name(decay):
         HyperSDRefineConfig(ema_decay=decay)
 
 
+@pytest.mark.slow
 def test_widening_a_lora_keeps_what_it_computes_and_a_widened_refinement_exports_the_new_rank(tiny_teacher_dir, tmp_path):
     student = tmp_path / "shapes-hypersd"
     train_hypersd(TINY, tmp_path / "run", student, teacher_dir=tiny_teacher_dir, progress=False)
@@ -347,6 +354,7 @@ def test_the_regression_term_is_dmds_mse_from_a_pairs_noise_to_the_teachers_endp
         assert with_perceptual.loss(unet, 800, np.random.default_rng(3), batch_size=2) > got
 
 
+@pytest.mark.slow
 def test_a_refinement_with_regression_records_its_pairs(tiny_teacher_dir, random_judge, tmp_path):
     student = tmp_path / "shapes-hypersd"
     train_hypersd(TINY, tmp_path / "run", student, teacher_dir=tiny_teacher_dir, progress=False)
@@ -466,6 +474,7 @@ def _source_gap(teacher, unet, source, timestep: int) -> float:
         return F.mse_loss(one_step_sample(unet, z, embeds, teacher.alphas_cumprod, timestep), one_step(source, z, embeds)).item()
 
 
+@pytest.mark.slow
 def test_a_refinement_regressing_onto_a_source_moves_the_one_step_map_onto_it_without_pairs(
     tiny_teacher_dir, tiny_instaflow_dir, random_judge, tmp_path
 ):

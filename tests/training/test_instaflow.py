@@ -7,24 +7,24 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from models.engine import Engine
-from models.flashstep_config import FlashstepConfig
-from models.outputs import GenerationRequest
-from tests.training.conftest import INSTAFLOW_TINY as TINY
-from training.distill import load_teacher
-from training.distribution_matching import DistributionMatchingConfig
-from training.instaflow import (
-    JudgePerceptual,
+from flashstep.models.engine import Engine
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.outputs import GenerationRequest
+from flashstep.training.distill import load_teacher
+from flashstep.training.distribution_matching import DistributionMatchingConfig
+from flashstep.training.perceptual import JudgePerceptual
+from flashstep.training.recipes.instaflow import train_instaflow
+from flashstep.training.recipes.instaflow_refine import refine_instaflow
+from flashstep.training.rectified_flow import (
     generate_pairs,
     load_pairs,
     one_step,
     one_step_loss,
-    refine_instaflow,
     reflow_target,
     teacher_pairs,
-    train_instaflow,
 )
-from training.teacher_refinement import TeacherRefinement
+from flashstep.training.teacher_refinement import TeacherRefinement
+from tests.training.conftest import INSTAFLOW_TINY as TINY
 
 
 def test_reflow_target_matches_a_hand_computation():
@@ -69,6 +69,7 @@ def test_bf16_teacher_pairs_are_fp32_latents_close_to_the_fp32_ones(tiny_teacher
     assert (x16 - x32).pow(2).mean() < 1e-2 * x32.var()
 
 
+@pytest.mark.slow
 def test_instaflow_recipe_trains_resumes_and_exports_servable_folders(tiny_teacher_dir, random_judge, tmp_path):
     run = tmp_path / "run"
     report = train_instaflow(
@@ -90,7 +91,7 @@ def test_instaflow_recipe_trains_resumes_and_exports_servable_folders(tiny_teach
 
     two = FlashstepConfig.load(tmp_path / "2rf")
     one = FlashstepConfig.load(tmp_path / "one")
-    assert (two.family, two.prediction, two.default_steps) == ("instaflow", "flow", 2)
+    assert (two.family, two.prediction, two.default_steps) == ("instaflow", "flow_match", 2)  # exported with diffusers' flow sign
     assert two.hybrid_guidance_scale == 1.0  # the teacher's hybrid step runs without CFG
     assert (one.family, one.default_steps, one.allowed_steps) == ("instaflow", 1, (1,))
     assert one.provenance["teacher"] == "tiny-teacher"
@@ -104,6 +105,7 @@ def test_instaflow_recipe_trains_resumes_and_exports_servable_folders(tiny_teach
         assert pipe.unet.config.in_channels == 4
 
 
+@pytest.mark.slow
 def test_refining_a_one_step_student_continues_its_training_and_records_each_leg(tiny_teacher_dir, random_judge, tmp_path):
     train_instaflow(TINY, tmp_path / "run", None, tmp_path / "one", teacher_dir=tiny_teacher_dir, judge=random_judge, progress=False)
     refine = replace(TINY, pairs=8, distill_steps=2, perceptual_steps=2)
@@ -129,6 +131,7 @@ def test_refining_a_one_step_student_continues_its_training_and_records_each_leg
     assert result.unet_evals == 1 and result.images[0].size == (64, 64)
 
 
+@pytest.mark.slow
 def test_refining_a_2_rectified_flow_continues_its_reflow_on_the_pairs(tiny_teacher_dir, random_judge, tmp_path):
     train_instaflow(TINY, tmp_path / "run", tmp_path / "2rf", None, teacher_dir=tiny_teacher_dir, judge=random_judge, progress=False)
     refine = replace(TINY, pairs=8, reflow_steps=60, lr=3e-3, warmup=1, ema_decay=0.0, batch_size=8)
@@ -196,6 +199,7 @@ def test_self_refinement_regresses_the_students_sample_onto_the_teachers_touch_u
         without(student, z, None, embeds, 0, torch.Generator())
 
 
+@pytest.mark.slow
 def test_a_self_refined_leg_needs_no_pairs_and_records_its_target(tiny_teacher_dir, random_judge, tmp_path):
     train_instaflow(TINY, tmp_path / "run", tmp_path / "2rf", tmp_path / "one", teacher_dir=tiny_teacher_dir,
                     judge=random_judge, progress=False)  # fmt: skip

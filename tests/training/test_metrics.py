@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training import metrics
+from flashstep.training import metrics
 
 
 def test_adherence_needs_every_named_attribute():

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from training.prompts import PROMPTS_DIR, load_prompts, prompt_sets
-from training.shapes import is_held_out, parse_prompt
+from flashstep.training.prompts import PROMPTS_DIR, load_prompts, prompt_sets
+from flashstep.training.shapes import is_held_out, parse_prompt
 
 
 @pytest.mark.parametrize(

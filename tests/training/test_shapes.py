@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.shapes import (
+from flashstep.training.shapes import (
     ATTRIBUTES,
     BACKGROUND_RGB,
     COLOR_RGB,

@@ -8,12 +8,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from flashstep.cli import main as flashstep_main
-from models.flashstep_config import FlashstepConfig
-from models.outputs import GenerationRequest
-from models.registry import load_engine
-from training.architecture import ShapesArch
-from training.export import export_random
-from training.shared_weights import link_identical_weights, unique_weight_bytes
+from flashstep.models.engine import load_engine
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.outputs import GenerationRequest
+from flashstep.training.architecture import ShapesArch
+from flashstep.training.export import export_random
+from flashstep.training.shared_weights import link_identical_weights, unique_weight_bytes
 
 SHARED = ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
 

@@ -5,17 +5,18 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from models.flashstep_config import FlashstepConfig
-from models.outputs import GenerationRequest
-from models.registry import SHIPPED_MODELS_DIR, discover, load_engine
-from training.data import render_dataset
-from training.judge import Judge
-from training.shapes import ATTRIBUTES
-from training.shared_weights import unique_weight_bytes
+from flashstep.models.engine import load_engine
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.outputs import GenerationRequest
+from flashstep.models.registry import SHIPPED_MODELS_DIR, discover
+from flashstep.training.data import render_dataset
+from flashstep.training.judge import Judge
+from flashstep.training.shapes import ATTRIBUTES
+from flashstep.training.shared_weights import unique_weight_bytes
 
 JUDGE_MIN_ACCURACY = 0.99  # per attribute, the bar ShapesBench rests on
 SHIPPED_BUDGET_BYTES = 40 * 10**6  # every shipped checkpoint and the judge together under 40 MB
-# The distilled students (issue 4): name -> (family, default steps).
+# The distilled students: name -> (family, default steps).
 STUDENTS = {
     "shapes-swiftbrush": ("swiftbrush", 1),
     "shapes-instaflow": ("instaflow", 1),
@@ -59,7 +60,7 @@ def test_nothing_pickled_ships(suffix):
 
 
 def test_shipped_weights_stay_small():
-    from training.judge import JUDGE_DIR
+    from flashstep.training.judge import JUDGE_DIR
 
     assert unique_weight_bytes(SHIPPED_MODELS_DIR, JUDGE_DIR) < SHIPPED_BUDGET_BYTES
 

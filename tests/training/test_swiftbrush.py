@@ -9,20 +9,18 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
-from models.denoiser import Conditioning, Denoiser
-from models.engine import Engine
-from models.families.swiftbrush import sample_swiftbrush
-from models.flashstep_config import FlashstepConfig
-from models.outputs import GenerationRequest
-from models.schedule import NoiseSchedule
-from training.checkpointing import TRAIN_STATE
-from training.distill import load_teacher, unet_eps
-from training.swiftbrush import (
+from flashstep.models.denoiser import Conditioning, Denoiser
+from flashstep.models.engine import Engine
+from flashstep.models.families.swiftbrush import sample_swiftbrush
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.outputs import GenerationRequest
+from flashstep.models.schedule import NoiseSchedule
+from flashstep.training.checkpointing import TRAIN_STATE
+from flashstep.training.distill import add_noise, load_teacher, unet_eps
+from flashstep.training.lora import adapters_off, lora_teacher
+from flashstep.training.recipes.swiftbrush import (
     SwiftBrushTrainConfig,
-    adapters_off,
-    add_noise,
     guidance_scales,
-    lora_teacher,
     student_x0,
     train_swiftbrush,
     vsd_grad,
@@ -142,6 +140,7 @@ def test_lora_teacher_starts_as_the_teacher_and_with_adapters_off_stays_the_teac
         assert not torch.allclose(unet_eps(guide, x, t, embeds), want, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_swiftbrush_recipe_trains_resumes_and_exports_a_servable_one_step_folder(tiny_teacher_dir, tmp_path):
     run, out = tmp_path / "run", tmp_path / "swiftbrush"
     # Stop after two steps, then resume to three.

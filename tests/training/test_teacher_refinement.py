@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from training.distill import load_teacher
-from training.teacher_refinement import TeacherRefinement, refine_with_teacher
+from flashstep.training.distill import load_teacher
+from flashstep.training.teacher_refinement import TeacherRefinement, refine_with_teacher
 
 
 def test_the_grid_runs_evenly_from_the_timestep_to_zero():

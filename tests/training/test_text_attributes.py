@@ -4,10 +4,10 @@ encoder to tell apart the words the epsilon loss alone left indistinguishable (p
 import numpy as np
 import torch
 
-from training.architecture import ShapesArch, build_text_encoder
-from training.shapes import ATTRIBUTES, POSITIONS, caption_for
-from training.text_attributes import AttributeHeads, attribute_loss, attribute_targets
-from training.tokenizer import build_tokenizer
+from flashstep.training.architecture import ShapesArch, build_text_encoder
+from flashstep.training.shapes import ATTRIBUTES, POSITIONS, caption_for
+from flashstep.training.text_attributes import AttributeHeads, attribute_loss, attribute_targets
+from flashstep.training.tokenizer import build_tokenizer
 
 
 def test_targets_are_the_named_value_or_zero_for_unnamed():

@@ -3,8 +3,8 @@
 import pytest
 from transformers import CLIPTokenizer
 
-from training.shapes import ATTRIBUTES
-from training.tokenizer import build_tokenizer
+from flashstep.training.shapes import ATTRIBUTES
+from flashstep.training.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,13 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from flashstep.cli import main as flashstep_main
-from models.flashstep_config import FlashstepConfig
-from training.architecture import ShapesArch
-from training.checkpointing import TRAIN_STATE
-from training.judge import Judge, JudgeTrainConfig, train_judge
-from training.teacher import TeacherTrainConfig, train_teacher
-from training.vae import VAETrainConfig, train_vae
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.training.architecture import ShapesArch
+from flashstep.training.autoencoder import VAETrainConfig, train_vae
+from flashstep.training.checkpointing import TRAIN_STATE
+from flashstep.training.judge import Judge
+from flashstep.training.recipes.judge import JudgeTrainConfig, train_judge
+from flashstep.training.recipes.teacher import TeacherTrainConfig, train_teacher
 
 TINY = ShapesArch.tiny()
 
@@ -85,7 +86,7 @@ def test_export_generates_through_flashstep(tiny_teacher, tmp_path):
 
 
 def test_eval_writes_every_report_key(tiny_teacher, tiny_judge, tmp_path):
-    from training.evaluate import EvalOptions, evaluate_model
+    from flashstep.training.evaluate import EvalOptions, evaluate_model
 
     export, *_ = tiny_teacher
     prompts = tmp_path / "p.jsonl"
@@ -121,9 +122,9 @@ class SeedRecorder:
 
 
 def test_eval_first_seed_runs_a_fresh_seed_range(tiny_teacher, tiny_judge, tmp_path):
-    from models.registry import load_engine
-    from training.evaluate import EvalOptions, evaluate_model, reference_renders
-    from training.prompts import load_prompts
+    from flashstep.models.engine import load_engine
+    from flashstep.training.evaluate import EvalOptions, evaluate_model, reference_renders
+    from flashstep.training.prompts import load_prompts
 
     export, *_ = tiny_teacher
     prompts = tmp_path / "p.jsonl"
@@ -140,7 +141,7 @@ def test_eval_first_seed_runs_a_fresh_seed_range(tiny_teacher, tiny_judge, tmp_p
 
 @pytest.mark.parametrize(("seeds", "first_seed"), [(0, 0), (4, -1), (4, 997)])
 def test_eval_refuses_a_seed_range_outside_the_reference_renders(seeds, first_seed, tmp_path):
-    from training.evaluate import EvalOptions
+    from flashstep.training.evaluate import EvalOptions
 
     with pytest.raises(ValueError, match="seed"):
         EvalOptions(model="m", prompts=tmp_path / "p.jsonl", seeds=seeds, first_seed=first_seed)
@@ -148,8 +149,9 @@ def test_eval_refuses_a_seed_range_outside_the_reference_renders(seeds, first_se
         flashstep_main(["eval", "--model", "m", "--prompts", "p.jsonl", "--seeds", str(seeds), "--first-seed", str(first_seed)])
 
 
+@pytest.mark.slow
 def test_cli_runs_the_two_phase_vae_recipe(tmp_path):
-    assert flashstep_main(["train", "vae", "--tiny", "--steps", "4", "--runs", str(tmp_path)]) == 0
+    assert flashstep_main(["train", "vae", "--tiny", "--train-steps", "4", "--runs", str(tmp_path)]) == 0
     assert (tmp_path / "vae" / "joint" / "train_state.safetensors").exists()
     assert (tmp_path / "vae" / "decoder" / "train_state.safetensors").exists()
     from diffusers import AutoencoderKL
@@ -163,7 +165,7 @@ def test_cli_runs_the_two_phase_vae_recipe(tmp_path):
 
 
 def test_an_export_names_its_source_by_folder_not_by_the_training_machines_path(tiny_teacher_dir, tmp_path):
-    from training.distill import export_student, load_teacher, student_unet
+    from flashstep.training.distill import export_student, load_teacher, student_unet
 
     teacher = load_teacher(tiny_teacher_dir.resolve())
     out = export_student(tmp_path / "student", teacher, student_unet(teacher), FlashstepConfig.load(tiny_teacher_dir))
@@ -173,7 +175,7 @@ def test_an_export_names_its_source_by_folder_not_by_the_training_machines_path(
 
 
 def test_the_commit_recorded_does_not_depend_on_the_working_folder(tmp_path, monkeypatch):
-    from training.export import git_commit
+    from flashstep.training.export import git_commit
 
     here = git_commit()
     monkeypatch.chdir(tmp_path)

@@ -9,16 +9,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from training.architecture import ShapesArch
-from training.data import render_dataset
-from training.vae import (
-    DECODER_LEGS,
-    VAETrainConfig,
-    decoder_recipe,
-    train_decoder_recipe,
-    train_vae,
-    vae_loss,
-)
+from flashstep.training.architecture import ShapesArch
+from flashstep.training.autoencoder import VAETrainConfig, train_vae, vae_loss
+from flashstep.training.data import render_dataset
+from flashstep.training.recipes.decoder import DECODER_LEGS, decoder_recipe, train_decoder_recipe
 
 TINY = ShapesArch.tiny()
 
@@ -77,6 +71,7 @@ def test_the_decoder_recipe_shares_its_steps_over_its_legs():
     assert sum(leg.steps for leg in smoke) == 14 and all(leg.steps >= 1 for leg in smoke)
 
 
+@pytest.mark.slow
 def test_each_leg_starts_from_the_previous_legs_decoder(exported_vae, tmp_path):
     """Legs two and three at lr 0 leave leg one's decoder as the result, not the exported one."""
     first, *rest = decoder_recipe(steps=3, arch=TINY)

@@ -6,16 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.denoiser import Conditioning, Denoiser
-from models.engine import Engine
-from models.families.swiftbrush import sample_swiftbrush
-from models.flashstep_config import FlashstepConfig
-from models.outputs import GenerationRequest
-from training.checkpointing import TRAIN_STATE
-from training.distill import load_teacher
-from training.instaflow import one_step
-from training.swiftbrush import STUDENT_TIMESTEP, SwiftBrushTrainConfig, student_x0, train_swiftbrush
-from training.warm_start import WarmStartConfig, load_source, warm_start
+from flashstep.models.denoiser import Conditioning, Denoiser
+from flashstep.models.engine import Engine
+from flashstep.models.families.swiftbrush import sample_swiftbrush
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.outputs import GenerationRequest
+from flashstep.training.checkpointing import TRAIN_STATE
+from flashstep.training.distill import load_teacher
+from flashstep.training.recipes.swiftbrush import (
+    STUDENT_TIMESTEP,
+    SwiftBrushTrainConfig,
+    student_x0,
+    train_swiftbrush,
+)
+from flashstep.training.rectified_flow import one_step
+from flashstep.training.warm_start import WarmStartConfig, load_source, warm_start
 
 PROMPTS = ["a red circle", "a blue square", "a green star on the left", "a small yellow triangle"]
 
@@ -39,6 +44,7 @@ def test_the_source_must_be_a_one_step_instaflow_student(tiny_teacher_dir):
         load_source(tiny_teacher_dir, teacher)
 
 
+@pytest.mark.slow
 def test_the_student_moves_onto_the_sources_map_on_fresh_noise(tiny_teacher_dir, tiny_instaflow_dir, random_judge, tmp_path):
     teacher = load_teacher(tiny_teacher_dir)
     source = load_source(tiny_instaflow_dir, teacher)
@@ -87,7 +93,8 @@ def test_swiftbrush_from_a_warm_start_exports_the_take_over_with_its_provenance(
 
 def test_the_anchor_is_the_mse_to_the_sources_sample_from_the_students_own_noise(tiny_teacher_dir, tiny_instaflow_dir):
     """DMD's regression loss beside VSD: the same z feeds the student and the source."""
-    from training.swiftbrush import lora_teacher, student_vsd
+    from flashstep.training.lora import lora_teacher
+    from flashstep.training.recipes.swiftbrush import student_vsd
 
     teacher = load_teacher(tiny_teacher_dir)
     source = load_source(tiny_instaflow_dir, teacher)
@@ -107,6 +114,7 @@ def test_the_anchor_is_the_mse_to_the_sources_sample_from_the_students_own_noise
         SwiftBrushTrainConfig(anchor_weight=0.5)
 
 
+@pytest.mark.slow
 def test_an_anchored_vsd_run_logs_both_losses_and_records_its_weight(tiny_teacher_dir, tiny_instaflow_dir, tmp_path):
     start = WarmStartConfig(source=str(tiny_instaflow_dir), steps=1, batch_size=2, save_every=1, warmup=1)
     cfg = SwiftBrushTrainConfig(steps=2, batch_size=2, lora_rank=4, save_every=2, warmup=1, anchor_weight=0.5,
@@ -127,7 +135,7 @@ def test_a_flow_student_starts_from_the_sources_weights_and_is_served_with_its_m
     assert report["warm_start_seconds"] == 0 and not (tmp_path / "run" / "warm_start").exists()
 
     config = FlashstepConfig.load(out)
-    assert (config.family, config.prediction, config.conditioning_timestep) == ("swiftbrush", "flow", 1000)
+    assert (config.family, config.prediction, config.conditioning_timestep) == ("swiftbrush", "flow_match", 1000)  # exported with diffusers' flow sign
     assert config.provenance["start"].startswith("tiny-instaflow's weights")
 
     teacher = load_teacher(tiny_teacher_dir)

@@ -16,8 +16,7 @@ arXiv:2412.02687), on prompts only, never on images:
   U(0.5, 2) here (see `guidance_range`), which stabilises VSD across guidance levels. `guidance`
   in the config fixes it instead.
 - The LoRA teacher takes five steps per student step (DMD2's two time-scale rule): at one, it lags
-  the student and VSD collapses every prompt to one image. On the first shipped teacher three updates
-  kept diversity at 0.83; the retrained, sharper teacher needs more (three: 0.27, five: 0.37).
+  the student and VSD collapses every prompt to one image.
 
 The frozen teacher and the LoRA teacher are one module: the teacher's epsilon is the LoRA
 teacher's with its adapters switched off, so the recipe holds two UNets (student and LoRA
@@ -33,28 +32,26 @@ shares that model's parameterisation, so it starts from its weights as they are 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig
 from PIL import Image
 from tqdm import tqdm
 
-from models.flashstep_config import FlashstepConfig
-from models.schedule import FLOW_NOISE_TIMESTEP
-from training.checkpointing import EMA, config_dict, load_train_state, save_train_state
-from training.distill import (
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.schedule import FLOW_NOISE_TIMESTEP
+from flashstep.training.checkpointing import EMA, config_dict, load_train_state, save_train_state
+from flashstep.training.distill import (
     DEFAULT_TEACHER,
     PromptSampler,
     Provenance,
     Teacher,
     Timer,
+    add_noise,
     cfg_eps,
     check_finite,
     export_student,
@@ -65,17 +62,21 @@ from training.distill import (
     student_unet,
     unet_eps,
 )
+from flashstep.training.lora import LORA_TARGETS, adapters_off, lora_teacher, lora_weights
+from flashstep.training.rectified_flow import one_step
+from flashstep.training.warm_start import WarmStartConfig, load_source, warm_start
 
-if TYPE_CHECKING:  # warm_start imports instaflow, which imports this module's LoRA teacher
-    from training.warm_start import WarmStartConfig
+__all__ = ["TINY", "SwiftBrushTrainConfig", "train_swiftbrush"]
+
+# Smoke-run sizes (`flashstep train swiftbrush --tiny`).
+TINY = dict(steps=2, batch_size=2, save_every=1)
 
 STUDENT_TIMESTEP = 999
 
-# The student's output, all of which the engine serves. At t = 999, sqrt(abar) = 0.068: an epsilon
-# student's x0 is (z - 0.998 eps) / 0.068, so every error in eps reaches the image ~15x larger, and
-# under Adam every update moves x0 ~15x further than the same step in a v student, whose
-# x0 = 0.068 z - 0.998 v is as well conditioned as its output. A flow student predicts the
-# rectified-flow velocity at the noise end, x0 = z + v(z, 1000): the instaflow student's own
+# The student's output, all of which the engine serves. At t = 999, sqrt(abar) is small: an epsilon
+# student's x0 is (z - sqrt(1 - abar) eps) / sqrt(abar), so every error in eps reaches the image
+# amplified, where a v student's x0 = sqrt(abar) z - sqrt(1 - abar) v is as well conditioned as its
+# output. A flow student predicts the rectified-flow velocity at the noise end, x0 = z + v(z, 1000): the instaflow student's own
 # parameterisation, so it can start from that student's weights as they are (SwiftBrush v2 starts
 # from SD-Turbo's weights), with no take-over regression and nothing of the source's map lost.
 STUDENT_PREDICTIONS = ("epsilon", "v_prediction", "flow")
@@ -85,21 +86,6 @@ def student_timestep(prediction: str) -> int:
     """The timestep the student's UNet sees with pure noise: 1000 on the flow path, else 999."""
     return FLOW_NOISE_TIMESTEP if prediction == "flow" else STUDENT_TIMESTEP
 
-# Every linear layer of the transformer blocks (attention, feed-forward, projections in and out)
-# plus the ResNets' time-embedding projections, so the LoRA teacher has capacity beyond attention
-# on a UNet this small: 0.33M trainable parameters at rank 16 against the UNet's 3.3M. Adding
-# the ResNet convs (conv1, conv2) doubles that and costs ~15% more per step.
-LORA_TARGETS = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "time_emb_proj",
-)
 
 PROBE_PROMPTS = (
     "a red circle", "a blue square", "a green triangle", "a yellow star",
@@ -110,27 +96,26 @@ PROBE_PROMPTS = (
 
 @dataclass(frozen=True)
 class SwiftBrushTrainConfig:
-    steps: int = 1000  # ~1.2 s a step at batch 32 with 5 LoRA updates, one thread beside one run: 20 minutes
+    """The swiftbrush recipe's settings; `__post_init__` names a field that is out of range or needs another."""
+
+    steps: int = 1000
     batch_size: int = 32
-    lr: float = 3e-4  # student: shapes by step 100 in a probe, where 1e-4 had only colour blobs
+    lr: float = 3e-4  # student; lower rates leave it drawing colour blobs long after shapes should appear
     lora_lr: float = 1e-3
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = LORA_TARGETS
     warmup: int = 50
     guidance: float | None = None  # None: PG-SB, kappa ~ U(guidance_range) per sample
-    # PG-SB draws kappa ~ U(0.5, 4) on SD; on the first shipped teacher the upper half of that range cost colour
-    # (1,000 steps at one LoRA update: colour drawn as named 0.45 with U(0.5, 4), 0.77 with U(0.5, 2)),
-    # and with three LoRA updates U(0.5, 4) for 2,000 steps stayed below U(0.5, 2) for 1,000 on every figure.
+    # PG-SB draws kappa ~ U(0.5, 4) on SD; on the shapes teacher the upper half of that range costs colour.
     guidance_range: tuple[float, float] = (0.5, 2.0)
     t_range: tuple[int, int] = (20, 980)  # inclusive
     lora_dropout: float = 0.1  # empty prompts in the LoRA teacher's step
     # LoRA-teacher updates per student update: DMD2's two time-scale rule (Yin et al. 2024,
     # arXiv:2405.14867, Sec. 4.1) keeps the student's score model current, so VSD's "away from
     # the student's own distribution" term is not stale and the student does not collapse to a mode.
-    lora_updates: int = 5  # first shipped teacher, diversity / FD at 1: 0.19 / 2426; 2: 0.30 / 2444; 3: 0.83 / 1745. Retrained teacher: 3: 0.27 / 1529; 5: 0.37 / 1245
+    lora_updates: int = 5  # fewer let the LoRA teacher lag and the student lose diversity
     # Steps (counted in `steps`) in which only the LoRA teacher trains, on the starting student's samples:
-    # from the teacher it equals the student already; from a warm start it has to catch up first
-    # (shapes-instaflow take-over: 100 gave seen adherence 0.615 against 0.602 without, within noise).
+    # from the teacher it equals the student already; from a warm start it has to catch up first.
     lora_warmup: int = 0
     ema_decay: float = 0.995  # ~200-step window: smooths single-t VSD noise, lags little
     grad_clip: float = 1.0
@@ -144,8 +129,8 @@ class SwiftBrushTrainConfig:
     prediction: str = "epsilon"
     # DMD's regression loss (Yin et al. 2023, arXiv:2311.18828, Sec. 3.3), with the warm start's source as
     # the regression target on the step's own fresh noise: latent MSE to the source's one-step sample, at this
-    # weight beside VSD. VSD alone trades the taken-over map's adherence for distribution (v take-over 0.821
-    # seen; 300 VSD steps at lr 1e-5: 0.696); the anchor keeps the map while VSD refines around it. 0: off.
+    # weight beside VSD. VSD alone trades the taken-over map's adherence for distribution; the anchor keeps
+    # the map while VSD refines around it. 0: off.
     anchor_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -184,11 +169,6 @@ def student_x0(
     return (z - (1 - abar_999).sqrt() * out) / abar_999.sqrt()
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (DDPM eq. 4), abar_t (B,) per sample."""
-    a = abar_t.view(-1, 1, 1, 1)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
 
 def vsd_grad(eps_teacher: torch.Tensor, eps_lora: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
     """SwiftBrush eq. 6: the gradient on x0 is w(t) (eps_teacher - eps_lora) with w(t) = 1 - abar_t."""
@@ -206,41 +186,6 @@ def guidance_scales(n: int, cfg: SwiftBrushTrainConfig, gen: torch.Generator) ->
         return torch.full((n,), float(cfg.guidance))
     lo, hi = cfg.guidance_range
     return lo + (hi - lo) * torch.rand(n, generator=gen)
-
-
-# ----- the LoRA teacher -----
-
-
-def lora_teacher(teacher: Teacher, rank: int, targets: Sequence[str]) -> torch.nn.Module:
-    """A copy of the teacher's UNet with a PEFT LoRA; only the LoRA weights train.
-
-    The LoRA's up-projections start at zero (PEFT's default), so it starts equal to the teacher
-    and the first VSD gradient is zero until the LoRA has seen the student's samples.
-    """
-    import copy
-
-    unet = copy.deepcopy(teacher.unet).requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
-    return unet
-
-
-@contextmanager
-def adapters_off(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Inside the block the LoRA teacher computes exactly the frozen teacher."""
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
-
-
-def lora_weights(unet: torch.nn.Module) -> torch.nn.Module:
-    """A module that holds (shares, not copies) only the LoRA parameters, for the train state."""
-    holder = torch.nn.Module()
-    for name, p in unet.named_parameters():
-        if "lora_" in name:
-            holder.register_parameter(name.replace(".", "__"), p)
-    return holder
 
 
 # ----- the training loop -----
@@ -283,8 +228,6 @@ def student_vsd(
         eps_lora = cfg_eps(guide, xt, t, embeds, uncond, scale)
     losses = {"vsd": vsd_loss(x0, vsd_grad(eps_teacher, eps_lora, abar[t]))}
     if source is not None:
-        from training.instaflow import one_step
-
         with torch.no_grad():
             target = one_step(source, z, embeds)
         losses["anchor"] = F.mse_loss(x0, target)
@@ -351,14 +294,10 @@ def train_swiftbrush(
     # The warm start's source, loaded once: the flow student's starting weights and the anchor's target.
     source = None
     if cfg.prediction == "flow" or cfg.anchor_weight:
-        from training.warm_start import load_source
-
         source = load_source(cfg.warm_start.source, teacher)
     if cfg.prediction == "flow":
         student.load_state_dict(source.state_dict())
     elif cfg.warm_start is not None:
-        from training.warm_start import warm_start
-
         abar_999 = teacher.alphas_cumprod[STUDENT_TIMESTEP]
         started, warm_seconds = warm_start(
             teacher, lambda unet, z, embeds: student_x0(unet, z, embeds, abar_999, cfg.prediction), cfg.warm_start,

@@ -1,20 +1,18 @@
-"""`flashstep train vae`: the toy AutoencoderKL (64x64x3 <-> 8x8x4) of the shapes world.
+"""Training the toy AutoencoderKL (64x64x3 <-> 8x8x4) of the shapes world: the loop and loss that
+`flashstep train vae` and `flashstep train decoder` (training/recipes/) run in legs.
 
 Loss: L1 + MSE reconstruction, weighted towards the object's pixels, and a KL term weighted 1e-6 as in Stable Diffusion's VAE, which
 keeps the latent close to a Gaussian without blurring. No adversarial term: the images are flat
 colours on flat backgrounds, where pixel losses already converge to sharp edges. After training
 the latent scaling factor is set from the latents' standard deviation (SD's 0.18215 was found
 the same way) so the UNet sees unit-variance latents.
-
-`flashstep train decoder` refines the decoder of an exported VAE afterwards (`decoder_recipe`):
-the latent space stays as it was, so the refined folder replaces `vae/` in every model folder.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +21,15 @@ from diffusers import AutoencoderKL
 from safetensors import safe_open
 from tqdm import tqdm
 
-from training.architecture import ShapesArch, build_vae
-from training.checkpointing import config_dict, load_train_state, save_train_state
-from training.data import render_dataset
+from flashstep.training.architecture import ShapesArch, build_vae
+from flashstep.training.checkpointing import config_dict, load_train_state, save_train_state
+from flashstep.training.data import render_dataset
 
 
 @dataclass(frozen=True)
 class VAETrainConfig:
+    """One leg of VAE training; `__post_init__` names a field that is out of range or needs another."""
+
     steps: int = 1500
     batch_size: int = 24
     lr: float = 1e-3
@@ -39,9 +39,7 @@ class VAETrainConfig:
     # UNet was trained on, stays bit-identical while the decoder keeps improving.
     decoder_only: bool = False
     # The latent the decoder learns to decode: "sample" (a posterior draw, as joint training must)
-    # or "mean", what the teacher trains on (training/teacher.py) and so generates. Measured from
-    # the shipped decoder, 3,000 more steps: shape read right on round trips 0.864 on draws, 0.874
-    # on means; teacher adherence 0.904 against 0.917. More training did most; means add a little.
+    # or "mean", what the teacher trains on (training/recipes/teacher.py) and so generates.
     decoder_latent: str = "sample"
     n_train: int = 30000
     seed: int = 2000
@@ -160,71 +158,7 @@ def train_vae(
     return vae, report
 
 
-def vae_recipe(steps: int | None = None, arch: ShapesArch | None = None) -> tuple[VAETrainConfig, VAETrainConfig]:
-    """The two phases that made the shipped VAE: joint training, then decoder-only fine-tuning.
-
-    Phase one fixes the latent space early (800 steps), so the teacher can start on it while
-    phase two keeps sharpening the decoder; `steps` scales both (smoke runs).
-    """
-    arch = arch or ShapesArch()
-    joint = VAETrainConfig(steps=800, arch=arch, save_every=50)
-    decoder = VAETrainConfig(steps=3000, lr=4e-4, decoder_only=True, n_train=40000, arch=arch, save_every=100)
-    if steps is not None:
-        joint = replace(joint, steps=max(1, steps // 4), n_train=min(joint.n_train, 64 * steps))
-        decoder = replace(decoder, steps=max(1, steps - steps // 4), n_train=min(decoder.n_train, 64 * steps))
-    return joint, decoder
-
-
 def stored_dtype(vae_dir: str | Path) -> torch.dtype:
     """The dtype an exported VAE folder stores its weights in (diffusers upcasts them on load)."""
     with safe_open(next(Path(vae_dir).glob("*.safetensors")), "pt") as f:
         return f.get_tensor(next(iter(f.keys()))).dtype
-
-
-# The legs that refined the shipped decoder: (steps, peak lr), each a fresh cosine schedule from
-# the previous leg's weights. Shape read right on round trips of fresh renders went 0.817 (the
-# decoder before) -> 0.874 -> 0.937 -> 0.964 over the legs: the decoder was under-trained.
-DECODER_LEGS = ((3000, 4e-4), (5000, 2e-4), (6000, 2e-4))
-
-
-def decoder_recipe(steps: int | None = None, arch: ShapesArch | None = None) -> tuple[VAETrainConfig, ...]:
-    """The legs of refining an exported VAE's decoder on posterior means (`flashstep train decoder`).
-
-    The encoder, hence every UNet trained on its latents, is untouched, so a sharper decoder
-    ships into every model folder without retraining the teacher or its students. `steps`
-    shares that many steps out over the legs in proportion (smoke runs).
-    """
-    base = VAETrainConfig(decoder_only=True, decoder_latent="mean", n_train=30000, seed=2100, arch=arch or ShapesArch())
-    legs = tuple(replace(base, steps=n, lr=lr) for n, lr in DECODER_LEGS)
-    if steps is not None:
-        total = sum(n for n, _ in DECODER_LEGS)
-        n_train = min(base.n_train, 64 * steps)
-        legs = tuple(replace(leg, steps=max(1, round(steps * leg.steps / total)), n_train=n_train) for leg in legs)
-    return legs
-
-
-def train_decoder_recipe(
-    run_dir: str | Path, vae_dir: str | Path, legs: tuple[VAETrainConfig, ...], progress: bool = True
-) -> tuple[AutoencoderKL, dict]:
-    """Leg i in `run_dir/leg{i}`, from the previous leg's VAE (the first from `vae_dir`); resumable
-    like every stage. Returns the last leg's VAE and a report whose seconds cover every leg."""
-    init, reports = Path(vae_dir), []
-    for i, cfg in enumerate(legs, start=1):
-        vae, report = train_vae(cfg, Path(run_dir) / f"leg{i}", progress, init_vae=init)
-        init = Path(run_dir) / f"leg{i}" / "vae"
-        reports.append(report)
-    legs_report = [{k: r[k] for k in ("final_loss", "recon_mae_255", "seconds")} for r in reports]
-    return vae, {**reports[-1], "seconds": sum(r["seconds"] for r in reports), "legs": legs_report}
-
-
-def train_vae_recipe(
-    run_dir: str | Path, joint: VAETrainConfig, decoder: VAETrainConfig, progress: bool = True
-) -> tuple[AutoencoderKL, dict]:
-    """Phase one in `run_dir/joint`, phase two in `run_dir/decoder`; the VAE lands in `run_dir/vae`."""
-    run_dir = Path(run_dir)
-    _, joint_report = train_vae(joint, run_dir / "joint", progress)
-    vae, report = train_vae(decoder, run_dir / "decoder", progress, init_from=run_dir / "joint")
-    vae.save_pretrained(run_dir / "vae")
-    report = {**report, "seconds": joint_report["seconds"] + report["seconds"], "joint": joint_report}
-    return vae, report
-

@@ -1,12 +1,12 @@
 """`flashstep train teacher`: the multi-step epsilon-prediction teacher, `shapes-teacher`.
 
-Stable Diffusion's recipe at toy scale: a frozen VAE (trained by `training/vae.py`), a CLIP
+Stable Diffusion's recipe at toy scale: a frozen VAE (trained by `training/recipes/vae.py`), a CLIP
 text encoder and a cross-attention UNet trained on the SD1.x noise schedule with epsilon MSE.
 Three departures, all because nothing here is pretrained: the text encoder is trained jointly with
 the UNet (no CLIP weights can be downloaded), with attribute heads of its own
 (`training/text_attributes.py`) so that words the epsilon loss barely rewards, position above all,
 still get distinct embeddings; and the loss uses Min-SNR-gamma weighting (Hang et al. 2023), which
-reaches a given quality in fewer steps — steps are what a 2-core CPU lacks. Captions are re-sampled
+reaches a given quality in fewer steps, and steps are what a CPU run lacks. Captions are re-sampled
 every time an image is drawn, so one image teaches many ways of describing it; 10% of them are
 dropped to the empty string for classifier-free guidance.
 """
@@ -25,20 +25,23 @@ from diffusers import AutoencoderKL
 from tqdm import tqdm
 from transformers import CLIPTokenizer
 
-from models.flashstep_config import FlashstepConfig
-from training.architecture import ShapesArch, build_text_encoder, build_unet
-from training.checkpointing import EMA, config_dict, load_train_state, save_train_state
-from training.data import render_dataset
-from training.export import export_servable, git_commit, training_scheduler
-from training.shapes import ATTRIBUTES, random_caption
-from training.text_attributes import AttributeHeads, attribute_loss
-from training.tokenizer import build_tokenizer
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.training.architecture import ShapesArch, build_text_encoder, build_unet
+from flashstep.training.checkpointing import EMA, TRAIN_STATE, config_dict, load_train_state, save_train_state
+from flashstep.training.data import captions_for_labels, encode_latents, render_dataset
+from flashstep.training.export import export_servable, git_commit, hardware, training_scheduler
+from flashstep.training.text_attributes import AttributeHeads, attribute_loss
+from flashstep.training.tokenizer import build_tokenizer
 
 TEACHER_STEPS = (1, 2, 4, 8, 10, 15, 20, 25, 30, 40, 50)
+# Smoke-run sizes (`flashstep train teacher --tiny`): seconds, not the full render set.
+TINY = dict(n_train=64, batch_size=4, save_every=2)
 
 
 @dataclass(frozen=True)
 class TeacherTrainConfig:
+    """The teacher recipe's settings; they travel with the checkpoint (`export_teacher_run` rebuilds them)."""
+
     steps: int = 5000
     batch_size: int = 64
     lr: float = 6e-4
@@ -52,29 +55,6 @@ class TeacherTrainConfig:
     default_guidance_scale: float = 4.0
     text_attribute_weight: float = 1.0  # the text encoder's attribute loss; 0 trains it by epsilon alone
     arch: ShapesArch = ShapesArch()
-
-
-@torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
-    """Scaled posterior means (N, 4, 8, 8) of uint8 images (N, 64, 64, 3): the UNet's data."""
-    out = []
-    for i in tqdm(range(0, len(images), batch_size), desc="encode", disable=not progress, mininterval=5.0):
-        x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        out.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
-    return torch.cat(out)
-
-
-def captions_for_labels(labels: np.ndarray, rng: np.random.Generator, dropout: float) -> list[str]:
-    """A fresh random caption per row of attribute indices; `dropout` of them empty."""
-    names = list(ATTRIBUTES)
-    captions = []
-    for row in labels:
-        if rng.random() < dropout:
-            captions.append("")
-        else:
-            attrs = {name: ATTRIBUTES[name][int(i)] for name, i in zip(names, row, strict=True)}
-            captions.append(random_caption(attrs, rng))
-    return captions
 
 
 def build_teacher_modules(arch: ShapesArch, tokenizer: CLIPTokenizer) -> torch.nn.ModuleDict:
@@ -176,8 +156,6 @@ def export_teacher_run(run_dir: str | Path, vae_dir: str | Path, export_dir: str
     """
     from safetensors import safe_open
 
-    from training.checkpointing import TRAIN_STATE
-
     run_dir = Path(run_dir)
     with safe_open(str(run_dir / TRAIN_STATE), framework="pt") as f:
         meta = f.metadata()
@@ -215,7 +193,7 @@ def export_teacher(
             "steps": cfg.steps if steps_done is None else steps_done,
             "batch_size": cfg.batch_size,
             "train_seconds": None if seconds is None else round(seconds),
-            "hardware": "2-core CPU",
+            "hardware": hardware(),
             "commit": git_commit(),
             "arch": cfg.arch.to_dict(),
         },

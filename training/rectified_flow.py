@@ -1,35 +1,10 @@
-"""`flashstep train instaflow`: reflow the teacher into a 2-rectified flow, then distil it to one step.
+"""Rectified-flow parts the instaflow recipes share: their config, teacher ODE pairs, the reflow
+and one-step maths, the training loop of every stage, and loading an exported instaflow student.
 
-InstaFlow (Liu et al. 2023, arXiv:2309.06380) in three stages, each resumable in its own folder
-of the run:
-
-1. **pairs**: (noise z, latent x) pairs from the teacher's own ODE sampler (DPM-Solver++(2M)
-   with CFG, exactly the served sampler), stored in chunks so generation resumes mid-way.
-2. **reflow**: a velocity UNet initialised from the teacher learns the straight path between
-   each pair: with t in [0, 1] (1 = data), `x_t = t x + (1 - t) z` and the target is `x - z`.
-   The UNet sees the timestep `(1 - t) * 1000`, so noise sits at 1000 as in the teacher and the
-   engine's `instaflow` sampler. Exported as `shapes-2rf` (2 to 8 Euler steps, CFG allowed).
-3. **distil**: a one-step student initialised from the 2-rectified flow maps z to
-   `z + v(z, 1000)` and regresses the pair's x with L2, then adds a perceptual loss on the
-   judge's features of decoded images (LPIPS weights cannot be downloaded here). The targets
-   are the teacher pairs the 2-RF was fitted to, which its straightened ODE reproduces from the
-   same z; regenerating them with the 2-RF would cost more samples for the same coupling.
-   Exported as `shapes-instaflow`.
-
-`refine_instaflow` (`flashstep train instaflow-refine --student FOLDER`) continues stage 3 from an
-exported one-step student: more steps on more teacher pairs (the recipe's pairs first, same
-seeds), at a lower learning rate, with the perceptual loss throughout. The student's provenance
-gains one entry per refinement.
-
-With `self_refine` a one-step student trains on fresh noise with no pairs at all: its target is its
-own sample of that noise, touched up by the guided teacher (`training.teacher_refinement`). A pair
-costs 30 teacher evaluations (15 solver steps with CFG) and the shipped student needed 196,608 of
-them, because it fits a fixed set of pairs' noises far better than new noise; a refined target
-costs 4 and is never the same noise twice. The recipe's student reads 0.69 seen adherence and its
-samples refined from t = 300 in 2 steps 0.88 (4 seeds): the target leads the student, and follows
-it as it improves. From the recipe's student, two legs (2,000 steps from t = 500 in 4 steps, then
-1,600 at lr 2e-4; 106 min on one CPU thread) reach 0.850 seen at 16 seeds, where the pair legs took
-about 150 min past the recipe to reach 0.78 (README, shapes-instaflow).
+InstaFlow (Liu et al. 2023, arXiv:2309.06380): a velocity UNet learns the straight path between
+noise z and the teacher's sample x of it (`reflow`); a one-step student maps z to `z + v(z, 1000)`.
+Teacher pairs are the guided teacher's DPM-Solver++(2M) endpoints, stored in chunks seeded by index
+so generation resumes mid-way and a later leg can take pairs no earlier one fitted.
 """
 
 from __future__ import annotations
@@ -37,7 +12,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,50 +22,46 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from models.denoiser import Conditioning, Denoiser
-from models.families.teacher import sample_dpmpp_2m
-from models.flashstep_config import FlashstepConfig
-from models.schedule import FLOW_NOISE_TIMESTEP, NoiseSchedule, linspace_timesteps
-from training.checkpointing import EMA, config_dict, load_train_state, save_train_state
-from training.distill import (
-    DEFAULT_TEACHER,
-    HYBRID_GUIDANCE_SCALE,
+from flashstep.models.denoiser import Conditioning, Denoiser
+from flashstep.models.diffusers_compat import to_flashstep_convention
+from flashstep.models.families.teacher import sample_dpmpp_2m
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.schedule import FLOW_NOISE_TIMESTEP, NoiseSchedule, linspace_timesteps
+from flashstep.training.checkpointing import EMA, config_dict, load_train_state, save_train_state
+from flashstep.training.distill import (
     PromptSampler,
-    Provenance,
     Teacher,
     Timer,
     autocast,
-    export_student,
-    load_teacher,
     lr_at,
     optimizer_step,
     set_lr,
     student_unet,
 )
-from training.distribution_matching import DistributionMatching, DistributionMatchingConfig
-from training.export import git_commit
-from training.judge import Judge
-from training.teacher_refinement import TeacherRefinement, refine_with_teacher
+from flashstep.training.distribution_matching import DistributionMatching, DistributionMatchingConfig
+from flashstep.training.perceptual import JudgePerceptual
+from flashstep.training.teacher_refinement import TeacherRefinement, refine_with_teacher
 
 NOISE_TIMESTEP = float(FLOW_NOISE_TIMESTEP)
 
 
 @dataclass(frozen=True)
 class InstaFlowTrainConfig:
+    """The instaflow recipe's settings; `instaflow-refine` starts from these with `REFINE_DEFAULTS` over them."""
+
     pairs: int = 6144
     pair_steps: int = 15  # DPM-Solver++(2M) steps per teacher pair
     pair_guidance: float = 4.0
     pair_batch: int = 128
     # The first pair's index (a multiple of pair_batch): pairs are seeded by index, so a refinement
-    # leg can take pairs no earlier leg fitted (the shipped student has fitted 0..196,607).
+    # leg can take pairs no earlier leg fitted.
     pair_start: int = 0
     # Teacher pairs and the student's forward passes under bfloat16 autocast (weights, optimiser and
-    # the solver's state stay fp32). On the 2-core CPU: pairs 2.0x and training steps 1.4x
-    # faster; a pair's endpoint moves by MSE 2e-4 (latent variance 1), a tenth of what 10 solver
-    # steps instead of 15 move it (1.7e-3).
+    # the solver's state stay fp32): faster on CPUs with bfloat16 support, and a pair's endpoint
+    # moves far less than a coarser solver grid would move it.
     bf16: bool = False
-    reflow_steps: int = 1200  # the shipped pair: ~8 min of reflow, ~40 min of distillation on one thread
-    distill_steps: int = 2400  # seen adherence at 1,000 steps 0.475, at 1,750 0.533 (ShapesBench, 4 seeds)
+    reflow_steps: int = 1200
+    distill_steps: int = 2400
     perceptual_steps: int = 1800  # the last steps of `distill` add the perceptual loss (from step 600)
     perceptual_weight: float = 1.0
     colour_weight: float = 0.0  # the perceptual loss's pooled-colour term (JudgePerceptual)
@@ -112,9 +83,6 @@ class InstaFlowTrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0 but is {getattr(self, name)}")
 
-
-# Refinement of an exported student: twice the recipe's pairs, half its learning rate, a short warmup.
-REFINE_DEFAULTS = dict(pairs=12288, distill_steps=2400, perceptual_steps=2400, reflow_steps=2400, lr=1e-4, warmup=50)
 
 
 # ----- stage 1: teacher ODE pairs -----
@@ -161,7 +129,7 @@ def generate_pairs(teacher: Teacher, cfg: InstaFlowTrainConfig, folder: Path, pr
         tmp.rename(path)
 
 
-def _pairs(teacher: Teacher, cfg: InstaFlowTrainConfig, folder: Path, progress: bool) -> tuple[tuple, float]:
+def run_pairs(teacher: Teacher, cfg: InstaFlowTrainConfig, folder: Path, progress: bool) -> tuple[tuple, float]:
     """The run's pairs, generated where missing, and the seconds spent generating them so far."""
     timer = Timer(folder)
     generate_pairs(teacher, cfg, folder, progress=progress)
@@ -238,7 +206,7 @@ def fresh_batches(teacher: Teacher, batch_size: int) -> Batches:
     return draw
 
 
-def _train_stage(
+def train_stage(
     name: str,
     teacher: Teacher,
     init: torch.nn.Module,
@@ -282,38 +250,6 @@ def _train_stage(
     return ema.module, timer.seconds
 
 
-class JudgePerceptual:
-    """Perceptual distance on the judge's penultimate features of decoded images (LPIPS stand-in).
-
-    With `colour_weight`, plus the squared error of the two images' colours pooled to 16 x 16: a
-    one-step student's wrong colours are mostly neighbouring hues (orange for red, blue for
-    purple), a small step in the VAE's latents and in the judge's pooled features alike.
-    Gradients flow through the frozen VAE decoder and judge into the student's latents.
-    """
-
-    def __init__(self, teacher: Teacher, judge: Judge, colour_weight: float = 0.0) -> None:
-        self.vae = teacher.vae
-        self.judge = judge.eval().requires_grad_(False)
-        self.colour_weight = colour_weight
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
-
-    def _features(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.judge(images)[0], dim=-1)
-
-    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            want_images = self._decode(target)
-            want = self._features(want_images)
-        images = self._decode(pred)
-        loss = (self._features(images) - want).pow(2).sum(-1).mean()
-        if self.colour_weight:
-            size = images.shape[-1] // 16
-            loss = loss + self.colour_weight * F.mse_loss(F.avg_pool2d(images, size), F.avg_pool2d(want_images, size))
-        return loss
-
-
 def one_step_loss(
     cfg: InstaFlowTrainConfig,
     perceptual: JudgePerceptual,
@@ -327,7 +263,7 @@ def one_step_loss(
 
     With `matching`, the DMD term joins once its fake score has warmed up, on samples from fresh
     noise (same captions): the pairs' noises are a fixed set the student fits far better than new
-    noise (shipped student: latent MSE 0.033 on its pairs, 0.151 on fresh noise), so matching there
+    noise, so matching there
     would leave the served case alone. The fake score takes its own steps on those samples.
     """
     perceptual_from = cfg.distill_steps - cfg.perceptual_steps
@@ -349,80 +285,6 @@ def one_step_loss(
         return value
 
     return loss
-
-
-def train_instaflow(
-    cfg: InstaFlowTrainConfig,
-    run_dir: str | Path,
-    export_2rf: str | Path | None,
-    export_one_step: str | Path | None,
-    teacher_dir: str | Path = DEFAULT_TEACHER,
-    judge: Judge | None = None,
-    progress: bool = True,
-) -> dict:
-    """All three stages (each resumes), then the two exports. Returns a report."""
-    run_dir = Path(run_dir)
-    torch.manual_seed(cfg.seed)
-    teacher = load_teacher(teacher_dir)
-    pairs, pairs_seconds = _pairs(teacher, cfg, run_dir / "pairs", progress)
-    batches = pair_batches(pairs, cfg.batch_size)
-    rf2, reflow_seconds = _train_stage(
-        "reflow", teacher, student_unet(teacher), batches, cfg, cfg.reflow_steps, run_dir / "reflow", reflow_loss, progress
-    )
-
-    distill_loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load(), cfg.colour_weight))
-
-    init = student_unet(teacher)
-    init.load_state_dict(rf2.state_dict())
-    one, distill_seconds = _train_stage(
-        "distill", teacher, init, batches, cfg, cfg.distill_steps, run_dir / "distill", distill_loss, progress
-    )
-
-    report = {
-        "pairs_seconds": round(pairs_seconds),
-        "reflow_seconds": round(reflow_seconds),
-        "distill_seconds": round(distill_seconds),
-        "config": config_dict(cfg),
-    }
-    total = pairs_seconds + reflow_seconds + distill_seconds
-    teacher_name = teacher.folder.name
-    if export_2rf is not None:
-        config = FlashstepConfig(
-            family="instaflow",
-            prediction="flow",
-            default_steps=2,
-            allowed_steps=(1, 2, 3, 4, 6, 8),
-            default_guidance_scale=1.0,
-            nasa_alpha=0.19,
-            base=teacher.folder.name,
-            hybrid_guidance_scale=HYBRID_GUIDANCE_SCALE,
-            resolution=teacher.config.resolution,
-            provenance=Provenance(
-                "reflow", teacher_name, cfg.reflow_steps, cfg.batch_size, pairs_seconds + reflow_seconds,
-                {"pairs": cfg.pairs, "pair_sampler": f"dpmpp_2m x{cfg.pair_steps}, cfg {cfg.pair_guidance}", "bf16": cfg.bf16},
-            ).to_dict(),
-        )
-        export_student(export_2rf, teacher, rf2, config)
-    if export_one_step is not None:
-        config = FlashstepConfig(
-            family="instaflow",
-            prediction="flow",
-            default_steps=1,
-            allowed_steps=(1,),
-            default_guidance_scale=0.0,
-            nasa_alpha=0.19,
-            base=teacher.folder.name,
-            resolution=teacher.config.resolution,
-            provenance=Provenance(
-                "reflow+one-step distillation (L2, then judge-feature perceptual)", teacher_name,
-                cfg.reflow_steps + cfg.distill_steps, cfg.batch_size, total,
-                {"pairs": cfg.pairs, "distill_steps": cfg.distill_steps, "perceptual_steps": cfg.perceptual_steps,
-                 "bf16": cfg.bf16},
-            ).to_dict(),
-        )
-        export_student(export_one_step, teacher, one, config)
-    (run_dir / "instaflow_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
 
 
 def instaflow_student_config(folder: Path) -> FlashstepConfig:
@@ -448,70 +310,6 @@ def load_instaflow_unet(folder: Path, teacher: Teacher) -> torch.nn.Module:
 
     unet = student_unet(teacher)
     unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).state_dict())
+    to_flashstep_convention(unet, FlashstepConfig.load(folder))  # training works on flashstep's velocity sign
     return unet
 
-
-def refine_instaflow(
-    cfg: InstaFlowTrainConfig,
-    run_dir: str | Path,
-    student_dir: str | Path,
-    export_dir: str | Path,
-    teacher_dir: str | Path = DEFAULT_TEACHER,
-    judge: Judge | None = None,
-    progress: bool = True,
-) -> dict:
-    """Continue the instaflow student in `student_dir` on teacher pairs; export it with the leg recorded.
-
-    A one-step student continues its distillation for `cfg.distill_steps` steps: L2 plus the judge
-    perceptual loss from step `distill_steps - perceptual_steps` on (and DMD with
-    `distribution_matching`). A multi-step student (the 2-rectified flow) continues its reflow for
-    `cfg.reflow_steps` steps. Pairs are generated (or reused) in run_dir/pairs; with `self_refine` a
-    one-step student needs none, its targets are its own samples of fresh noise as the teacher refines
-    them. The export keeps the student's config and appends this run to its provenance's `refinements`.
-    """
-    run_dir = Path(run_dir)
-    student_dir = Path(student_dir)
-    student_cfg = instaflow_student_config(student_dir)  # before the pairs: a wrong folder fails at once
-    is_one_step = student_cfg.allowed_steps == (1,)
-    for option in ("distribution_matching", "self_refine"):
-        if not is_one_step and getattr(cfg, option) is not None:
-            raise ValueError(f"{student_dir} is a multi-step rectified flow: `{option}` acts on one-step samples only")
-    torch.manual_seed(cfg.seed)
-    teacher = load_teacher(teacher_dir)
-    if cfg.self_refine is not None:
-        batches, pairs_seconds = fresh_batches(teacher, cfg.batch_size), 0.0
-    else:
-        pairs, pairs_seconds = _pairs(teacher, cfg, run_dir / "pairs", progress)
-        batches = pair_batches(pairs, cfg.batch_size)
-
-    init = load_instaflow_unet(student_dir, teacher)
-    dm = cfg.distribution_matching
-    matching = DistributionMatching(teacher, dm) if dm is not None else None
-    if is_one_step:
-        loss = one_step_loss(cfg, JudgePerceptual(teacher, judge or Judge.load(), cfg.colour_weight), matching, teacher)
-        steps, extra = cfg.distill_steps, matching.state() if matching is not None else ({}, {})
-    else:
-        loss, steps, extra = reflow_loss, cfg.reflow_steps, ({}, {})
-    refined, seconds = _train_stage("refine", teacher, init, batches, cfg, steps, run_dir / "refine", loss, progress, extra)
-    provenance = dict(student_cfg.provenance)
-    pairs_used = {"pairs": cfg.pairs, "pair_start": cfg.pair_start} if cfg.self_refine is None else {
-        "pairs": 0, "target": f"its own one-step sample of fresh noise, {cfg.self_refine.recipe}",
-        "self_refine": config_dict(cfg.self_refine),
-    }  # fmt: skip
-    leg = {
-        "student": student_dir.name, "steps": steps, **pairs_used, "bf16": cfg.bf16, "lr": cfg.lr,
-        "train_seconds": round(pairs_seconds + seconds),
-        "commit": git_commit(),
-    }  # fmt: skip
-    if is_one_step:
-        leg.update(perceptual_steps=cfg.perceptual_steps, perceptual_weight=cfg.perceptual_weight, colour_weight=cfg.colour_weight)
-    else:
-        leg["recipe"] = "reflow"
-    if dm is not None:
-        leg["distribution_matching"] = config_dict(dm)
-    provenance["refinements"] = [*provenance.get("refinements", []), leg]
-    config = replace(student_cfg, provenance=provenance)
-    export_student(export_dir, teacher, refined, config)
-    report = {"pairs_seconds": round(pairs_seconds), "refine_seconds": round(seconds), "config": config_dict(cfg)}
-    (run_dir / "refine_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
