@@ -1,7 +1,7 @@
 """Attention kernel benchmark: TFLOP/s of flashstep's Triton kernels vs SDPA vs xformers, SD1.5 shapes.
 
-    python -m bench.attention          # table, bench/results/attention.json, bench/results/attention.png
-    python -m bench.attention --all    # first the kernel tests compiled on the GPU, then the benchmark
+    python -m flashstep.bench.attention          # table, bench/results/attention.json, bench/results/attention.png
+    python -m flashstep.bench.attention --all    # first the kernel tests compiled on the GPU, then the benchmark
     bash bench/gpu_attention.sh        # the same as --all, under a time limit
 
 Shapes are SD1.5's UNet at 512x512 (64x64 latents), 8 heads, float16, batch 1 and 8:
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.report import REPO_ROOT, RESULTS_DIR, git_info
+from flashstep.bench.report import REPO_ROOT, RESULTS_DIR, git_info
 
 HEADS = 8
 TEXT_TOKENS = 77
@@ -79,7 +79,7 @@ def sd15_cases() -> list[Case]:
 
 def xformers_or_none():
     """xformers.ops when its kernels run on this GPU (a wheel for another torch imports but has none)."""
-    from kernels.backends import xformers_kernels_run
+    from flashstep.kernels.backends import xformers_kernels_run
 
     if not xformers_kernels_run():
         return None
@@ -90,8 +90,8 @@ def xformers_or_none():
 
 def contenders(case: Case, tensors: dict[str, torch.Tensor]) -> dict[str, Callable[[], torch.Tensor]]:
     """Name -> zero-argument callable producing the (B, H, Lq, D) output for this case."""
-    from kernels.triton_attention import flash_attention
-    from kernels.triton_nasa import nasa_flash_attention
+    from flashstep.kernels.triton_attention import flash_attention
+    from flashstep.kernels.triton_nasa import nasa_flash_attention
 
     q, k, v = tensors["q"], tensors["k"], tensors["v"]
     xops = xformers_or_none()
@@ -242,9 +242,9 @@ def run_kernel_tests() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--all", action="store_true", help="run the GPU kernel tests before the benchmark")
-    parser.add_argument("--warmup-ms", type=int, default=25)
-    parser.add_argument("--rep-ms", type=int, default=100)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "attention.json")
+    parser.add_argument("--warmup-ms", type=int, default=25, help="milliseconds of untimed calls per shape (triton.testing.do_bench)")
+    parser.add_argument("--rep-ms", type=int, default=100, help="milliseconds of timed calls per shape (triton.testing.do_bench)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "attention.json", help="JSON results file")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():

@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench import latency, load, sd15_cpu
-from bench.report import RESULTS_DIR, markdown_table, new_report, print_table, write_report
-from bench.servers import Runtime
+from flashstep.bench import latency, load, sd15_cpu
+from flashstep.bench.report import RESULTS_DIR, markdown_table, new_report, print_table, write_report
+from flashstep.bench.servers import Runtime
 
 RATIO_KEYS = (
     "one_step_speedup_vs_teacher",
@@ -37,7 +37,7 @@ def default_threads() -> int:
 
 
 def run(*, threads: int, quick: bool = False, out_dir: Path = RESULTS_DIR, models_root: Path | None = None) -> dict:
-    """All three parts, then bench/results/cpu.json with the issue's ratio keys at the top level."""
+    """All three parts, then bench/results/cpu.json with the ratio keys at the top level."""
     import torch
 
     torch.set_num_threads(threads)
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flashstep bench cpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=default_threads(), help="torch threads of every part")
     parser.add_argument("--quick", action="store_true", help="fewer calls and requests: a smoke run")
-    parser.add_argument("--models-root", type=Path, default=None)
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--models-root", type=Path, default=None, help="folder whose sub-folders are models, besides the shipped ones")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="folder cpu.json is written to")
     parser.add_argument("--markdown-from", type=Path, default=None, help="only print the markdown of a cpu.json")
     args = parser.parse_args(argv)
     if args.markdown_from is not None:

@@ -1,7 +1,7 @@
 """The benchmark scenarios at SD1.5 size in float16 on a GPU, once per attention backend.
 
     bash bench/gpu.sh                  # this, then the attention micro-benchmark, in under 8 minutes
-    python -m bench.gpu --budget-s 330
+    python -m flashstep.bench.gpu --budget-s 330
 
 1. Export a random-weight SD1.5-size servable folder (bench/sd15_arch.py; float16, 512 px, TAESD
    in vae_tiny/) to a temporary folder.
@@ -27,7 +27,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.report import RESULTS_DIR, new_report, print_table, pyplot, save_figure, write_report
+from flashstep.bench.report import RESULTS_DIR, new_report, print_table, pyplot, save_figure, write_report
 
 BACKENDS = ("sdpa", "triton", "xformers", "math")
 MODEL = "sd15-random"
@@ -37,7 +37,7 @@ ESTIMATE_S = {"latency": 60, "latency_math": 45, "load": 150}
 
 def backend_status(name: str) -> str | None:
     """None when `name` can run here, else the failed requirement checks."""
-    from kernels.backends import parse_backend, unmet_requirements
+    from flashstep.kernels.backends import parse_backend, unmet_requirements
 
     unmet = unmet_requirements(parse_backend(name))
     return ", ".join(unmet) if unmet else None
@@ -111,9 +111,9 @@ TABLE_COLUMNS = [
 
 def run(folder: Path, plan: GpuPlan, *, out_dir: Path = RESULTS_DIR, started: float | None = None) -> dict:
     """Latency per backend (and the load sweep) on `folder`; writes gpu_*.json/.png and gpu.json."""
-    from bench import latency, load
-    from bench.servers import Runtime
-    from bench.workload import Workload
+    from flashstep.bench import latency, load
+    from flashstep.bench.servers import Runtime
+    from flashstep.bench.workload import Workload
 
     started = time.monotonic() if started is None else started
 
@@ -184,17 +184,17 @@ def run(folder: Path, plan: GpuPlan, *, out_dir: Path = RESULTS_DIR, started: fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flashstep bench gpu", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget-s", type=float, default=GpuPlan.budget_s, help="start no step after this")
-    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--budget-s", type=float, default=GpuPlan.budget_s, help="seconds for the whole run; no step starts once they are spent")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated attention backends to time")
     parser.add_argument("--no-load", action="store_true", help="skip the HTTP load step")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="folder the JSON results and plot are written to")
     args = parser.parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():
         print("bench.gpu: no CUDA device here; the SD1.5 fp16 benchmark needs a GPU. Nothing measured.")
         return 0
-    from bench.sd15_arch import export_random_sd15
+    from flashstep.bench.sd15_arch import export_random_sd15
 
     started = time.monotonic()
     plan = GpuPlan(

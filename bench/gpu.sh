@@ -29,7 +29,7 @@ stage() {  # stage NAME SECONDS CMD...
   echo "== $name: rc=$rc after $((SECONDS - start)) s"
   [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
-stage attention 80 "$PY" -m bench.attention --warmup-ms 10 --rep-ms 40 --out "$RESULTS/attention.json"
+stage attention 80 "$PY" -m flashstep.bench.attention --warmup-ms 10 --rep-ms 40 --out "$RESULTS/attention.json"
 stage kernel-tests 100 env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs -p no:cacheprovider tests/kernels
-stage sd15-latency-and-load 300 "$PY" -m bench.gpu --budget-s 260 --out-dir "$RESULTS"
+stage sd15-latency-and-load 300 "$PY" -m flashstep.bench.gpu --budget-s 260 --out-dir "$RESULTS"
 exit "$failed"

@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 unset TRITON_INTERPRET
-exec timeout 470 "$PY" -m bench.attention --all "$@"
+exec timeout 470 "$PY" -m flashstep.bench.attention --all "$@"

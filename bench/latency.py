@@ -1,6 +1,6 @@
 """In-process latency of every shipped model x steps x batch size, against the teacher at 25 steps with CFG.
 
-    python -m bench.latency                       # table, bench/results/latency.json, bench/results/latency.png
+    python -m flashstep.bench.latency                       # table, bench/results/latency.json, bench/results/latency.png
     flashstep bench latency --models shapes-teacher,shapes-swiftbrush --batch-sizes 1,4
 
 Each model found by `models.registry.discover` (shipped, plus --models-root) is loaded as a flashstep
@@ -27,14 +27,22 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.report import RESULTS_DIR, new_report, percentile, print_table, pyplot, save_figure, write_report
-from bench.workload import unique_prompts
+from flashstep.bench.report import (
+    RESULTS_DIR,
+    new_report,
+    percentile,
+    print_table,
+    pyplot,
+    save_figure,
+    write_report,
+)
+from flashstep.bench.workload import unique_prompts
 
 TEACHER = "shapes-teacher"
 TEACHER_STEPS = 25
 STUDENT_STEPS = (1, 2, 4, 8)
 BATCH_SIZES = (1, 4, 16)
-ONE_STEP_TARGET = 30.0  # issue 7: one-step students >= 30x fewer seconds per image than teacher@25+CFG
+ONE_STEP_TARGET = 30.0  # the goal: one-step students take >= 30x fewer seconds per image than teacher@25+CFG
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,7 @@ class PromptStream:
 
 def measure(engine, scenario: Scenario, budget: TimingBudget, prompts: PromptStream) -> dict:
     """Time `engine.generate` for one scenario: one warm-up call, then calls within `budget`."""
-    from models.outputs import GenerationRequest
+    from flashstep.models.outputs import GenerationRequest
 
     def call() -> tuple[float, object]:
         first = prompts.next  # request i of the stream gets prompt i and seed i
@@ -259,8 +267,8 @@ def run(
     budget = budget or TimingBudget()
     import torch
 
-    from models.engine import Engine
-    from models.flashstep_config import FlashstepConfig
+    from flashstep.models.engine import Engine
+    from flashstep.models.flashstep_config import FlashstepConfig
 
     configs = {n: FlashstepConfig.load(p) for n, p in models.items()}
     tiny_decoders = frozenset(n for n, p in models.items() if (Path(p) / "vae_tiny").is_dir())
@@ -318,7 +326,7 @@ def parse_ints(text: str) -> tuple[int, ...]:
 
 def select_models(names: str | None, models_root: Path | None) -> dict[str, Path]:
     """name -> folder of the models to time: all discovered ones, or the comma-separated `names`."""
-    from models.registry import discover
+    from flashstep.models.registry import discover
 
     found = discover(models_root)
     if not names:
@@ -336,16 +344,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--models-root", type=Path, default=None, help="folder whose sub-folders are models, besides the shipped ones")
     add("--teacher", default=TEACHER, help=f"the baseline model (default {TEACHER})")
     add("--teacher-steps", type=int, default=TEACHER_STEPS, help=f"baseline steps, with CFG (default {TEACHER_STEPS})")
-    add("--batch-sizes", type=parse_ints, default=BATCH_SIZES, help="comma-separated (default 1,4,16)")
+    add("--batch-sizes", type=parse_ints, default=BATCH_SIZES, help="comma-separated images per generate call to time (default 1,4,16)")
     add("--min-calls", type=int, default=TimingBudget.min_calls, help="timed calls per configuration, at least")
     add("--seconds", type=float, default=TimingBudget.seconds, help="timed seconds per configuration, at least")
     add("--max-calls", type=int, default=TimingBudget.max_calls, help="timed calls per configuration, at most")
-    add("--device", default="cpu")
-    add("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: the engine's for the device")
-    add("--attention-backend", default=None, help="sdpa, triton, xformers or math")
+    add("--device", default="cpu", help="torch device the models run on, e.g. cuda:0 (default cpu)")
+    add("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="weights dtype (default: the engine's for the device)")
+    add("--attention-backend", default=None, help="attention backend: sdpa, triton, xformers or math (default: kernels' choice)")
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     add("--name", default="latency", help="results file name (bench/results/<name>.json)")
-    add("--out-dir", type=Path, default=RESULTS_DIR)
+    add("--out-dir", type=Path, default=RESULTS_DIR, help="folder the JSON results and plot are written to")
     return parser
 
 

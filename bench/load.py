@@ -1,10 +1,10 @@
 """HTTP load against flashstep and its peers on one checkpoint: throughput and p50/p95/p99 per concurrency.
 
-    python -m bench.load                          # table, bench/results/load.json, bench/results/load.png
+    python -m flashstep.bench.load                          # table, bench/results/load.json, bench/results/load.png
     flashstep bench load --model shapes-swiftbrush --levels 1,4,16,64
 
 Servers, one at a time, each a subprocess on 127.0.0.1 (bench/servers.py) loading the same folder:
-flashstep (`python -m server`, batches of `--max-batch-size` with `--max-wait-ms`), the FastAPI
+flashstep (`python -m flashstep.server`, batches of `--max-batch-size` with `--max-wait-ms`), the FastAPI
 per-request peer, and LitServe batching with the same two settings (bench/peers). Each is warmed up,
 then swept over the concurrency levels with a closed loop: `concurrency` asyncio workers share one
 httpx.AsyncClient and each sends its next request as soon as its last one is answered, until the
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import (
+from flashstep.bench.report import (
     REPO_ROOT,
     RESULTS_DIR,
     new_report,
@@ -46,7 +46,7 @@ from bench.report import (
     save_figure,
     write_report,
 )
-from bench.servers import (
+from flashstep.bench.servers import (
     BatchSettings,
     Runtime,
     fastapi_spec,
@@ -54,14 +54,14 @@ from bench.servers import (
     litserve_spec,
     start_server,
 )
-from bench.workload import PNG_MAGIC, Workload
+from flashstep.bench.workload import PNG_MAGIC, Workload
 
 LEVELS = (1, 4, 16, 64)
 REQUESTS_PER_LEVEL = {1: 40, 4: 80, 16: 160, 64: 192}
 COMPARE_AT = 16
 SERVERS = ("flashstep", "fastapi-per-request", "litserve")
 DEFAULT_MODELS = ("shapes-swiftbrush", "shapes-teacher")
-# issue 7's targets, read against this run's figures (never asserted in tests)
+# The throughput targets, read against this run's figures (never asserted in tests)
 TARGETS = {
     "http_overhead_ratio": ("<=", 1.15),
     "throughput_ratio_vs_naive": (">=", 2.5),
@@ -193,7 +193,7 @@ def measure_in_process(folder: Path, workload: Workload, runtime: Runtime, reque
     """The vanilla pipeline in its own process: median/p95/p99 latency and images per second."""
     out = log_dir / "in_process.json"
     argv = [
-        sys.executable, "-m", "bench.peers.in_process", "--model-dir", str(folder), "--steps", str(workload.steps),
+        sys.executable, "-m", "flashstep.bench.peers.in_process", "--model-dir", str(folder), "--steps", str(workload.steps),
         "--guidance-scale", str(workload.guidance_scale), "--resolution", str(workload.resolution),
         "--requests", str(requests), "--device", runtime.device, "--dtype", runtime.dtype, "--out", str(out),
     ]  # fmt: skip
@@ -228,7 +228,7 @@ def _level(rows: list[dict], server: str, concurrency: int) -> dict | None:
 
 
 def ratios(rows: list[dict], in_process: dict | None, compare_at: int) -> dict:
-    """The issue's ratio keys (None where a side is missing), and error totals per server."""
+    """The ratio keys (None where a side is missing), and error totals per server."""
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
@@ -305,7 +305,7 @@ TABLE_COLUMNS = [
 
 def choose_workload(folder: Path, steps: int | None, guidance_scale: float | None) -> Workload:
     """The per-image work: the model's own one-step use (teacher: 1 step, no CFG) unless told otherwise."""
-    from models.flashstep_config import FlashstepConfig
+    from flashstep.models.flashstep_config import FlashstepConfig
 
     config = FlashstepConfig.load(folder)
     if config.lora is not None:
@@ -385,7 +385,7 @@ def run(
 
 
 def default_model(models_root: Path | None) -> Path:
-    from models.registry import discover
+    from flashstep.models.registry import discover
 
     found = discover(models_root)
     for name in DEFAULT_MODELS:
@@ -395,28 +395,28 @@ def default_model(models_root: Path | None) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from bench.latency import parse_ints
+    from flashstep.bench.latency import parse_ints
 
     add = parser.add_argument
     add("--model", default=None, help="model name or folder (default: shapes-swiftbrush, else shapes-teacher)")
-    add("--models-root", type=Path, default=None)
+    add("--models-root", type=Path, default=None, help="folder whose sub-folders are models, besides the shipped ones")
     add("--steps", type=int, default=None, help="steps per image (default: the model's; teacher: 1)")
     add("--guidance-scale", type=float, default=None, help="CFG scale (default: 0 for one-step work)")
     add("--levels", type=parse_ints, default=LEVELS, help="concurrency levels (default 1,4,16,64)")
     add("--requests", type=parse_ints, default=None, help="requests per level, one per level (default 40,80,160,192)")
-    add("--time-cap-s", type=float, default=LoadPlan.time_cap_s, help="per level")
+    add("--time-cap-s", type=float, default=LoadPlan.time_cap_s, help="longest one concurrency level may run, in seconds")
     add("--warmup", type=int, default=LoadPlan.warmup, help="untimed requests per server")
-    add("--in-process-requests", type=int, default=LoadPlan.in_process_requests)
+    add("--in-process-requests", type=int, default=LoadPlan.in_process_requests, help="requests of the in-process pipeline floor")
     add("--servers", default=",".join(SERVERS), help="comma-separated, among " + ", ".join(SERVERS))
     add("--no-in-process", action="store_true", help="skip the in-process pipeline floor")
     add("--compare-at", type=int, default=COMPARE_AT, help="concurrency of the throughput and p99 ratios")
-    add("--max-batch-size", type=int, default=BatchSettings.max_batch_size)
-    add("--max-wait-ms", type=float, default=BatchSettings.max_wait_ms)
-    add("--device", default="cpu")
-    add("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add("--max-batch-size", type=int, default=BatchSettings.max_batch_size, help="most images per forward pass, every server")
+    add("--max-wait-ms", type=float, default=BatchSettings.max_wait_ms, help="longest a request waits for its batch to fill")
+    add("--device", default="cpu", help="torch device of every server (default cpu)")
+    add("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype of every server")
     add("--threads", type=int, default=None, help="torch threads of every server (default: torch's)")
-    add("--name", default="load")
-    add("--out-dir", type=Path, default=RESULTS_DIR)
+    add("--name", default="load", help="results file name (bench/results/<name>.json)")
+    add("--out-dir", type=Path, default=RESULTS_DIR, help="folder the JSON results and plot are written to")
     return parser
 
 
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         folder = default_model(args.models_root)
     else:
-        from models.registry import resolve
+        from flashstep.models.registry import resolve
 
         folder = resolve(args.model, args.models_root)
     workload = choose_workload(folder, args.steps, args.guidance_scale)

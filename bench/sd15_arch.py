@@ -143,9 +143,9 @@ def export_random_sd15(folder: str | Path, dtype: torch.dtype = torch.float16, s
     """
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from models.flashstep_config import FlashstepConfig
-    from training.export import SD_SCHEDULE
-    from training.tokenizer import build_tokenizer
+    from flashstep.models.flashstep_config import FlashstepConfig
+    from flashstep.training.export import SD_SCHEDULE
+    from flashstep.training.tokenizer import build_tokenizer
 
     folder = Path(folder)
     if folder.exists():

@@ -1,6 +1,6 @@
 """SD1.5 at full size on the CPU: one-step latency at 512 px, stage by stage, and the teacher's estimate.
 
-    python -m bench.sd15_cpu                      # table, bench/results/sd15_cpu.json, bench/results/sd15_cpu.png
+    python -m flashstep.bench.sd15_cpu                      # table, bench/results/sd15_cpu.json, bench/results/sd15_cpu.png
     flashstep bench sd15 --repeats 1
 
 Random-weight SD1.5 modules (bench/sd15_arch.py, public configs) in float32 on the CPU, timed one
@@ -26,8 +26,16 @@ from pathlib import Path
 
 import torch
 
-from bench.report import RESULTS_DIR, new_report, percentile, print_table, pyplot, save_figure, write_report
-from bench.sd15_arch import LATENT_SIZE, TEXT_TOKENS, build_sd15, count_parameters
+from flashstep.bench.report import (
+    RESULTS_DIR,
+    new_report,
+    percentile,
+    print_table,
+    pyplot,
+    save_figure,
+    write_report,
+)
+from flashstep.bench.sd15_arch import LATENT_SIZE, TEXT_TOKENS, build_sd15, count_parameters
 
 TEACHER_STEPS = 25
 LONG_STAGES = ("unet_b1", "unet_b2_cfg", "vae_decode")  # seconds per call on a CPU: no warm-up call

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import REPO_ROOT
+from flashstep.bench.report import REPO_ROOT
 
 START_TIMEOUT_S = 300.0
 STOP_GRACE_S = 20.0
@@ -82,10 +82,10 @@ def _flashstep_ready(response: httpx.Response) -> bool:
 
 
 def flashstep_spec(folder: Path, batch: BatchSettings, runtime: Runtime) -> ServerSpec:
-    """`python -m server` (= `flashstep serve`) serving only `folder`, batching as `batch` says."""
+    """`python -m flashstep.server` (= `flashstep serve`) serving only `folder`, batching as `batch` says."""
     port = free_port()
     argv = [
-        sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, "-m", "flashstep.server", "--host", "127.0.0.1", "--port", str(port),
         "--models-root", str(folder.parent), "--models", folder.name,
         "--max-batch-size", str(batch.max_batch_size), "--max-wait-ms", str(batch.max_wait_ms),
         "--device", runtime.device, "--dtype", runtime.dtype, "--log-level", "warning",
@@ -102,14 +102,14 @@ def _peer_argv(module: str, folder: Path, port: int, runtime: Runtime) -> list[s
 def fastapi_spec(folder: Path, runtime: Runtime) -> ServerSpec:
     """Peer (a): FastAPI calling the pipeline per request (bench/peers/fastapi_per_request.py)."""
     port = free_port()
-    argv = _peer_argv("bench.peers.fastapi_per_request", folder, port, runtime)
+    argv = _peer_argv("flashstep.bench.peers.fastapi_per_request", folder, port, runtime)
     return ServerSpec("fastapi-per-request", argv, port, lambda r: r.status_code == 200, "/health", env=_thread_env(runtime))
 
 
 def litserve_spec(folder: Path, batch: BatchSettings, runtime: Runtime) -> ServerSpec:
     """Peer (b): LitServe batching like flashstep (bench/peers/litserve_peer.py)."""
     port = free_port()
-    argv = _peer_argv("bench.peers.litserve_peer", folder, port, runtime)
+    argv = _peer_argv("flashstep.bench.peers.litserve_peer", folder, port, runtime)
     argv += ["--max-batch-size", str(batch.max_batch_size), "--batch-timeout", str(batch.max_wait_ms / 1000)]
     return ServerSpec("litserve", argv, port, lambda r: r.status_code == 200, "/health", env=_thread_env(runtime))
 

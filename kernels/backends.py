@@ -30,7 +30,7 @@ ENV_VAR = "FLASHSTEP_ATTN_BACKEND"
 
 
 class AttentionBackend(StrEnum):
-    """Attention implementations that `kernels.attention` can dispatch to."""
+    """Attention implementations that `dispatch.attention` can dispatch to."""
 
     SDPA = "sdpa"  # torch.nn.functional.scaled_dot_product_attention (default)
     TRITON = "triton"  # kernels.triton_attention / kernels.triton_nasa
@@ -73,8 +73,8 @@ def triton_importable() -> bool:
     """triton imports and flashstep's Triton kernel modules load against it."""
     return (
         _importable("triton")
-        and _importable("kernels.triton_attention")
-        and _importable("kernels.triton_nasa")
+        and _importable("flashstep.kernels.triton_attention")
+        and _importable("flashstep.kernels.triton_nasa")
     )
 
 
@@ -276,7 +276,7 @@ def backend_for_inputs(backend: AttentionBackend, q: torch.Tensor) -> AttentionB
 
 @contextlib.contextmanager
 def attention_backend(name: str | AttentionBackend) -> Iterator[AttentionBackend]:
-    """Use backend `name` for `kernels.attention` calls without `backend=` inside this block.
+    """Use backend `name` for `dispatch.attention` calls without `backend=` inside this block.
 
     Resolved (and warned about) once on entry; yields the backend in effect. Scoped with a
     ContextVar, so it holds for this thread/task only.

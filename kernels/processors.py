@@ -1,8 +1,8 @@
-"""A diffusers attention processor that runs `kernels.attention`, and its installer for a UNet.
+"""A diffusers attention processor that runs `dispatch.attention`, and its installer for a UNet.
 
 `FlashstepAttnProcessor` follows diffusers' `AttnProcessor2_0` step for step (spatial norm, 4-D
 hidden states, group norm, cross-attention norm, q/k norms, output projection, residual,
-rescale) and swaps only the attention product for `kernels.attention` with the chosen backend.
+rescale) and swaps only the attention product for `dispatch.attention` with the chosen backend.
 The steps before and after that product are `attention_prologue` / `attention_epilogue`, which
 `models.nasa.NasaAttnProcessor` uses too.
 
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from kernels.backends import AttentionBackend, resolve_backend
-from kernels.dispatch import attention
+from flashstep.kernels.backends import AttentionBackend, resolve_backend
+from flashstep.kernels.dispatch import attention
 
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
@@ -116,7 +116,7 @@ def attention_epilogue(attn: Attention, hidden_states: torch.Tensor, inputs: Att
 
 
 class FlashstepAttnProcessor:
-    """Attention processor (self- and cross-attention) that runs `kernels.attention` on `backend`."""
+    """Attention processor (self- and cross-attention) that runs `dispatch.attention` on `backend`."""
 
     def __init__(self, backend: AttentionBackend) -> None:
         self.backend = backend

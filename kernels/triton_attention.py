@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import check_layout, default_scale
+from flashstep.kernels.layout import check_layout, default_scale
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256

@@ -10,7 +10,7 @@ kernel loads each Q tile once, sweeps K+/V+ and then K-/V- with the online softm
 Limits: those of `kernels.triton_attention` (forward only, no masks, float16/bfloat16/float32,
 head dim <= 256 padded to a power of two >= 16, stride(-1) == 1, CUDA or TRITON_INTERPRET=1),
 and Lk+ >= 1, Lk- >= 1. `alpha` is any float (0 still runs both sweeps; the dispatcher in
-`kernels.functional` skips the negative branch for alpha == 0).
+`kernels.dispatch` skips the negative branch for alpha == 0).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import default_scale
-from kernels.triton_attention import (
+from flashstep.kernels.layout import default_scale
+from flashstep.kernels.triton_attention import (
     LOG2E,
     _attn_fwd_inner,
     autotune_configs,

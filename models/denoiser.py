@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.nasa import nasa_context
-from models.schedule import NoiseSchedule
+from flashstep.models.nasa import nasa_context
+from flashstep.models.schedule import NoiseSchedule
 
 
 @dataclass

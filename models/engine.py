@@ -5,7 +5,7 @@ and runs stateless sampling functions (models/families), so concurrent `generate
 different threads share nothing mutable but the prompt cache (locked) and the lazily loaded
 hybrid base (locked). `generate` runs the pipeline's steps in order:
 
-    validate -> encode prompts (LRU cache) -> per-request noise -> family sampler -> VAE decode
+    validate (models/validation.py) -> encode prompts (LRU cache) -> per-request noise -> family sampler -> VAE decode
 
 Loading is described in models/loading.py; families and timesteps in models/families.
 """
@@ -13,22 +13,21 @@ Loading is described in models/loading.py; families and timesteps in models/fami
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-import kernels
-from models.denoiser import Conditioning, Denoiser
-from models.errors import CheckpointError, InvalidRequestError, ModelNotFoundError
-from models.families import FAMILY_SPECS, bind_sampler, family_timesteps
-from models.flashstep_config import CONFIG_NAME, FlashstepConfig
-from models.hybrid import base_first_step
-from models.loading import (
+from flashstep.kernels.processors import install_attention_backend
+from flashstep.models.denoiser import Conditioning, Denoiser
+from flashstep.models.diffusers_compat import to_flashstep_convention
+from flashstep.models.errors import CheckpointError, InvalidRequestError, ModelNotFoundError
+from flashstep.models.families import FAMILY_SPECS, bind_sampler, family_timesteps
+from flashstep.models.flashstep_config import CONFIG_NAME, FlashstepConfig
+from flashstep.models.hybrid import base_first_step
+from flashstep.models.loading import (
     check_config,
     check_pieces,
     fingerprint,
@@ -42,16 +41,16 @@ from models.loading import (
     weight_files,
     weight_variant,
 )
-from models.lora import fuse_lora, read_lora
-from models.nasa import install_nasa_processors
-from models.outputs import GenerationRequest, GenerationResult, StageTimings
-from models.prompts import PromptEncoder
-from models.schedule import NoiseSchedule, cpu_generators, randn_per_sample
+from flashstep.models.lora import fuse_lora, read_lora
+from flashstep.models.nasa import install_nasa_processors
+from flashstep.models.outputs import GenerationRequest, GenerationResult, StageTimings
+from flashstep.models.prompts import PromptEncoder
+from flashstep.models.registry import resolve
+from flashstep.models.schedule import NoiseSchedule, cpu_generators, randn_per_sample
+from flashstep.models.validation import ModelLimits, validate_request
 
 logger = logging.getLogger("flashstep.models")
 
-MAX_SEED = 2**63 - 1
-MAX_GUIDANCE = 30.0
 TEACHER_DEFAULT_GUIDANCE = FAMILY_SPECS["teacher"].defaults["default_guidance_scale"]
 
 
@@ -149,8 +148,6 @@ class Engine:
             candidate = self.path / candidate
         if candidate.is_dir():
             return candidate, None
-        from models.registry import resolve
-
         try:
             return resolve(base, self.models_root), None
         except ModelNotFoundError as exc:
@@ -179,6 +176,8 @@ class Engine:
             return cls.from_pretrained(pieces[piece], torch_dtype=self.dtype, use_safetensors=True, variant=variant)
 
         self.unet = diffusers_module(UNet2DConditionModel, "unet")
+        # A folder stored with diffusers' flow-matching sign (for vanilla pipelines) samples here as "flow".
+        self.config = to_flashstep_convention(self.unet, self.config)
         self.vae = diffusers_module(AutoencoderKL, "vae")
         if self.sdxl and self.dtype == torch.float16 and self.vae.config.force_upcast:
             self.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
@@ -204,7 +203,7 @@ class Engine:
             module.eval()
             module.requires_grad_(False)
         install_nasa_processors(self.unet, self.attention_backend)
-        kernels.install_attention_backend(self.unet, self.attention_backend)
+        install_attention_backend(self.unet, self.attention_backend)
 
         self.prompts = PromptEncoder(tokenizers, encoders, sdxl=self.sdxl, device=self.device, cache_size=prompt_cache_size)
         self.schedule = NoiseSchedule.from_config(
@@ -256,102 +255,24 @@ class Engine:
 
     # ----- requests -----
 
+    @property
+    def limits(self) -> ModelLimits:
+        """What this model accepts (models/validation.py checks requests against it)."""
+        return ModelLimits(
+            name=self.name,
+            family=self.family,
+            config=self.config,
+            guided=FAMILY_SPECS[self.family].guided,
+            max_prompt_tokens=self.max_prompt_tokens,
+            count_tokens=self.prompts.count_tokens,
+            base_guidance=self._base_guidance,
+            base_missing=None if self.base_path is not None else self._base_error,
+            has_tiny_decoder=self.vae_tiny is not None,
+        )
+
     def validate(self, request: GenerationRequest) -> GenerationRequest:
         """A copy of `request` with the model's defaults filled in, or InvalidRequestError naming the field."""
-        r, cfg = request, self.config
-        if not isinstance(r.prompt, str) or not r.prompt.strip():
-            raise InvalidRequestError("prompt", f"`prompt` must be a non-empty string but is {r.prompt!r}")
-        self._check_tokens("prompt", r.prompt)
-        if r.negative_prompt is not None:
-            if not isinstance(r.negative_prompt, str):
-                raise InvalidRequestError("negative_prompt", f"`negative_prompt` must be a string but is {r.negative_prompt!r}")
-            self._check_tokens("negative_prompt", r.negative_prompt)
-        if isinstance(r.seed, bool) or not isinstance(r.seed, int) or not 0 <= r.seed <= MAX_SEED:
-            raise InvalidRequestError("seed", f"`seed` must be an integer in [0, 2**63 - 1] but is {r.seed!r}")
-
-        steps = cfg.default_steps if r.num_inference_steps is None else r.num_inference_steps
-        if steps not in cfg.allowed_steps:
-            raise InvalidRequestError(
-                "num_inference_steps",
-                f"`num_inference_steps` must be one of {list(cfg.allowed_steps)} for {self.name} but is {steps!r}",
-            )
-        if r.hybrid:
-            if self.base_path is None:
-                raise InvalidRequestError("hybrid", f"`hybrid` needs a base model but {self._base_error}")
-            if steps < 2:
-                raise InvalidRequestError(
-                    "hybrid", f"`hybrid` needs at least 2 steps (the base takes the first) but `num_inference_steps` is {steps}"
-                )
-
-        guidance = self._check_guidance(r, hybrid=r.hybrid)
-        alpha = cfg.nasa_alpha if r.nasa_alpha is None else r.nasa_alpha
-        if not isinstance(alpha, int | float) or not 0.0 <= alpha <= 1.0:
-            raise InvalidRequestError("nasa_alpha", f"`nasa_alpha` must be in [0, 1] but is {alpha!r}")
-        if r.negative_prompt:
-            self._check_negative_prompt_is_used(guidance, alpha, hybrid=r.hybrid)
-
-        sizes = {}
-        for field in ("height", "width"):
-            value = getattr(r, field)
-            value = cfg.resolution if value is None else value
-            if isinstance(value, bool) or not isinstance(value, int) or value % 8 != 0 or value not in cfg.resolutions:
-                raise InvalidRequestError(
-                    field, f"`{field}` must be one of {list(cfg.resolutions)} (multiples of 8) for {self.name} but is {value!r}"
-                )
-            sizes[field] = value
-        if r.tiny_decoder and self.vae_tiny is None:
-            raise InvalidRequestError("tiny_decoder", f"`tiny_decoder` is unavailable: {self.name} has no vae_tiny/ folder")
-        return replace(
-            r, num_inference_steps=steps, guidance_scale=float(guidance), nasa_alpha=float(alpha), **sizes
-        )
-
-    def _check_tokens(self, field: str, text: str) -> None:
-        n = self.prompts.count_tokens(text)
-        if n > self.max_prompt_tokens:
-            raise InvalidRequestError(
-                field, f"`{field}` is {n} tokens long but {self.name} takes at most {self.max_prompt_tokens}"
-            )
-
-    def _check_guidance(self, r: GenerationRequest, *, hybrid: bool) -> float:
-        """Guidance given or defaulted. In a hybrid run it is the base model's CFG scale for its step."""
-        g = r.guidance_scale
-        if g is not None and (isinstance(g, bool) or not isinstance(g, int | float) or not math.isfinite(g)
-                              or not 0.0 <= g <= MAX_GUIDANCE):  # fmt: skip
-            raise InvalidRequestError("guidance_scale", f"`guidance_scale` must be in [0, {MAX_GUIDANCE:g}] but is {g!r}")
-        if hybrid:
-            return self._base_guidance if g is None else g
-        if FAMILY_SPECS[self.family].guided:
-            return self.config.default_guidance_scale if g is None else g
-        if g not in (None, 0, 0.0):
-            raise InvalidRequestError(
-                "guidance_scale",
-                f"`guidance_scale` must be 0 or left out for family {self.family} (it takes no guidance) but is {g!r}",
-            )
-        return 0.0
-
-    def _check_negative_prompt_is_used(self, guidance: float, alpha: float, *, hybrid: bool) -> None:
-        """Refuse a negative prompt that neither NASA (alpha > 0) nor CFG (guidance > 1) would read.
-
-        Silently dropping it would return an image the caller believes was steered away from it.
-        CFG applies to guided families and to a hybrid's base step (a teacher with CFG).
-        """
-        if alpha > 0.0:
-            return
-        takes_cfg = FAMILY_SPECS[self.family].guided or hybrid
-        if takes_cfg and guidance > 1.0:
-            return
-        where = f"`negative_prompt` has no effect on {self.name} (family {self.family}) with `nasa_alpha` 0"
-        if takes_cfg:
-            raise InvalidRequestError(
-                "negative_prompt",
-                f"{where} and `guidance_scale` {guidance:g} (classifier-free guidance is off at <= 1): "
-                "set `nasa_alpha` in (0, 1] or `guidance_scale` > 1, or leave `negative_prompt` out",
-            )
-        raise InvalidRequestError(
-            "negative_prompt",
-            f"{where} (the family takes no classifier-free guidance, so only NASA reads it): "
-            "set `nasa_alpha` in (0, 1] or leave `negative_prompt` out",
-        )
+        return validate_request(request, self.limits)
 
     def batch_key(self, request: GenerationRequest) -> tuple:
         """Requests with equal keys can share one `generate` call (one UNet batch)."""
@@ -509,3 +430,13 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"Engine(name={self.name!r}, family={self.family!r}, version={self.version!r}, device={self.device})"
+
+
+def load_engine(name_or_path: str, models_root: Path | None = None, *, restrict_to_root: bool = False, **kwargs) -> Engine:
+    """`Engine.load` on the folder `registry.resolve` finds, named after the model name (or the folder).
+
+    restrict_to_root: for untrusted input, as in `registry.resolve`. Other keyword arguments go to `Engine.load`.
+    """
+    folder = resolve(name_or_path, models_root, restrict_to_root=restrict_to_root)
+    kwargs.setdefault("name", folder.name)
+    return Engine.load(folder, models_root=models_root, **kwargs)

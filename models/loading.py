@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from models.errors import CheckpointError, UnknownFamilyError
-from models.families import FAMILY_SPECS, FLOW_FAMILIES
-from models.flashstep_config import CONFIG_NAME, FlashstepConfig
-from models.schedule import FLOW_NOISE_TIMESTEP
+from flashstep.models.errors import CheckpointError, UnknownFamilyError
+from flashstep.models.families import FAMILY_SPECS, FLOW_FAMILIES
+from flashstep.models.flashstep_config import CONFIG_NAME, FLOW_PREDICTIONS, FlashstepConfig
+from flashstep.models.schedule import FLOW_NOISE_TIMESTEP
 
 PIECES = {
     "unet": "the denoising UNet",
@@ -191,13 +191,16 @@ def check_config(config: FlashstepConfig) -> FlashstepConfig:
     """Family-specific facts flashstep.json must respect."""
     if config.family == "swiftbrush" and config.allowed_steps != (1,):
         raise CheckpointError(f"swiftbrush is one-step: `allowed_steps` must be [1] but is {list(config.allowed_steps)}")
-    if config.family == "instaflow" and config.prediction != "flow":
-        raise CheckpointError(f"family instaflow predicts a velocity: `prediction` must be 'flow' but is {config.prediction!r}")
-    if config.prediction == "flow" and config.family not in FLOW_FAMILIES:
+    if config.family == "instaflow" and config.prediction not in FLOW_PREDICTIONS:
         raise CheckpointError(
-            f"`prediction` 'flow' belongs to families {list(FLOW_FAMILIES)} only, but family is {config.family!r}"
+            f"family instaflow predicts a velocity: `prediction` must be one of {list(FLOW_PREDICTIONS)} "
+            f"but is {config.prediction!r}"
         )
-    if config.prediction == "flow" and config.family == "swiftbrush" and config.conditioning_timestep != FLOW_NOISE_TIMESTEP:
+    if config.prediction in FLOW_PREDICTIONS and config.family not in FLOW_FAMILIES:
+        raise CheckpointError(
+            f"`prediction` {config.prediction!r} belongs to families {list(FLOW_FAMILIES)} only, but family is {config.family!r}"
+        )
+    if config.prediction in FLOW_PREDICTIONS and config.family == "swiftbrush" and config.conditioning_timestep != FLOW_NOISE_TIMESTEP:
         raise CheckpointError(
             f"a flow swiftbrush student starts from pure noise at t = {FLOW_NOISE_TIMESTEP}: "
             f"`conditioning_timestep` must be {FLOW_NOISE_TIMESTEP} but is {config.conditioning_timestep}"

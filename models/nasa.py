@@ -6,7 +6,7 @@ negative prompt's, both computed with the layer's own projections, before the ou
     Z = softmax(Q K+^T / sqrt d) V+ - alpha * softmax(Q K-^T / sqrt d) V-
 
 `NasaAttnProcessor` is installed once, at load, on cross-attention modules only (self-attention
-is left to `kernels.install_attention_backend`). Without an active `nasa_context` it computes
+is left to `processors.install_attention_backend`). Without an active `nasa_context` it computes
 plain attention, so a UNet that carries it serves ordinary requests unchanged.
 
 The negative embeddings and per-image alphas of one UNet call travel in a `ContextVar` set by
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.processors import attention_epilogue, attention_prologue
+from flashstep.kernels.dispatch import attention, nasa_attention
+from flashstep.kernels.processors import attention_epilogue, attention_prologue
 
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
@@ -68,11 +68,11 @@ class NasaAttnProcessor:
     """Cross-attention processor: plain attention, or NASA inside a `nasa_context`.
 
     Follows diffusers' `AttnProcessor2_0` step for step (`kernels.processors.attention_prologue` /
-    `attention_epilogue`) and runs the attention product through `kernels.attention` /
-    `kernels.nasa_attention` (fused Triton kernel when that backend is chosen).
+    `attention_epilogue`) and runs the attention product through `dispatch.attention` /
+    `dispatch.nasa_attention` (fused Triton kernel when that backend is chosen).
     """
 
-    is_nasa_processor = True  # kernels.install_attention_backend leaves these alone
+    is_nasa_processor = True  # processors.install_attention_backend leaves these alone
 
     def __init__(self, backend: str | None = None) -> None:
         self.backend = backend  # None: the active kernels backend at call time
@@ -102,7 +102,7 @@ class NasaAttnProcessor:
                 query, key, value, attn_mask=inputs.attention_mask, scale=attn.scale
             )
         elif nasa is None or not cross or not any(nasa.alphas):
-            out = kernels.attention(query, key, value, backend=self.backend, scale=attn.scale)
+            out = attention(query, key, value, backend=self.backend, scale=attn.scale)
         else:
             out = self._nasa(attn, query, key, value, nasa)
         return attention_epilogue(attn, out, inputs)
@@ -126,13 +126,13 @@ class NasaAttnProcessor:
             groups.setdefault(alpha, []).append(row)
         if len(groups) == 1:
             alpha = nasa.alphas[0]
-            return kernels.nasa_attention(
+            return nasa_attention(
                 query, key, value, key_neg, value_neg, alpha, backend=self.backend, scale=attn.scale
             )
         out = torch.empty_like(query)
         for alpha, rows in groups.items():
             idx = torch.tensor(rows, device=query.device)
-            out[idx] = kernels.nasa_attention(
+            out[idx] = nasa_attention(
                 query[idx], key[idx], value[idx], key_neg[idx], value_neg[idx], alpha,
                 backend=self.backend, scale=attn.scale,
             )  # fmt: skip

@@ -3,15 +3,15 @@
 A model is a folder holding `model_index.json` (a diffusers pipeline) or `flashstep.json` (a
 LoRA checkpoint that borrows its base's pieces). Shipped models live in `models/shipped/`; the
 direct children of `models_root` are added and win on a name clash, so an operator can replace a
-shipped model without touching the package.
+shipped model without touching the package. `engine.load_engine` loads what `resolve` finds.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from models.errors import ForbiddenPathError, ModelNotFoundError
-from models.flashstep_config import CONFIG_NAME
+from flashstep.models.errors import ForbiddenPathError, ModelNotFoundError
+from flashstep.models.flashstep_config import CONFIG_NAME
 
 SHIPPED_MODELS_DIR = Path(__file__).resolve().parent / "shipped"
 # The model a server with no `default_model` answers with: the best one-step student by ShapesBench.
@@ -84,12 +84,3 @@ def resolve(name_or_path: str, models_root: Path | None = None, *, restrict_to_r
     if _is_model(path):
         return path
     raise _not_found(name_or_path, known)
-
-
-def load_engine(name_or_path: str, models_root: Path | None = None, *, restrict_to_root: bool = False, **kwargs):
-    """`Engine.load` on the resolved folder, named after the model name (or the folder)."""
-    from models.engine import Engine
-
-    folder = resolve(name_or_path, models_root, restrict_to_root=restrict_to_root)
-    kwargs.setdefault("name", folder.name)
-    return Engine.load(folder, models_root=models_root, **kwargs)

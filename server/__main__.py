@@ -1,7 +1,7 @@
-"""`python -m server`: the same as `flashstep serve`."""
+"""`python -m flashstep.server`: the same as `flashstep serve`."""
 
 import sys
 
-from server.serve import serve_main
+from flashstep.server.serve import serve_main
 
 sys.exit(serve_main())

@@ -20,15 +20,15 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 import flashstep
-from server.batcher import Batcher
-from server.errors import ErrorBoundaryMiddleware, install_error_handlers
-from server.generation import GenerationService
-from server.image_store import ImageStore
-from server.lifecycle import Lifecycle, Phase
-from server.metrics import Metrics
-from server.model_manager import EngineLoader, ModelManager, registry_loader
-from server.routes import admin, generate, health, images, playground
-from server.settings import Settings
+from flashstep.server.batcher import Batcher
+from flashstep.server.errors import ErrorBoundaryMiddleware, install_error_handlers
+from flashstep.server.generation import GenerationService
+from flashstep.server.image_store import ImageStore
+from flashstep.server.lifecycle import Lifecycle, Phase
+from flashstep.server.metrics import Metrics
+from flashstep.server.model_manager import EngineLoader, ModelManager, registry_loader
+from flashstep.server.routes import admin, generate, health, images, playground
+from flashstep.server.settings import Settings
 
 logger = logging.getLogger("flashstep.server")
 
@@ -38,7 +38,7 @@ def startup_models(settings: Settings) -> list[str]:
     if settings.models:
         names = list(settings.models)
     else:
-        from models import registry  # heavy import (torch, diffusers): only when we need it
+        from flashstep.models import registry  # imported only when no model list is given
 
         names = sorted(registry.discover(settings.models_root))
     default = default_model(settings, names)
@@ -50,7 +50,7 @@ def startup_models(settings: Settings) -> list[str]:
 
 def default_model(settings: Settings, names: list[str]) -> str | None:
     """The configured default, else the shipped one-step default when it is loaded, else None (first loaded)."""
-    from models.registry import SHIPPED_DEFAULT_MODEL
+    from flashstep.models.registry import SHIPPED_DEFAULT_MODEL
 
     if settings.default_model:
         return settings.default_model

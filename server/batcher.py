@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from models.errors import FlashstepError, InvalidRequestError
-from models.outputs import GenerationRequest, StageTimings
-from server.errors import EngineFailure, QueueFullError, RequestTimeoutError, ShuttingDownError
-from server.metrics import Metrics
-from server.model_manager import LoadedModel, ModelManager
+from flashstep.models.errors import FlashstepError, InvalidRequestError
+from flashstep.models.outputs import GenerationRequest, StageTimings
+from flashstep.server.errors import EngineFailure, QueueFullError, RequestTimeoutError, ShuttingDownError
+from flashstep.server.metrics import Metrics
+from flashstep.server.model_manager import LoadedModel, ModelManager
 
 logger = logging.getLogger("flashstep.server")
 

@@ -8,14 +8,14 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from server.batcher import Batcher
-from server.errors import AuthenticationError
-from server.generation import GenerationService
-from server.image_store import ImageStore
-from server.lifecycle import Lifecycle
-from server.metrics import Metrics
-from server.model_manager import ModelManager
-from server.settings import Settings
+from flashstep.server.batcher import Batcher
+from flashstep.server.errors import AuthenticationError
+from flashstep.server.generation import GenerationService
+from flashstep.server.image_store import ImageStore
+from flashstep.server.lifecycle import Lifecycle
+from flashstep.server.metrics import Metrics
+from flashstep.server.model_manager import ModelManager
+from flashstep.server.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="The server's admin token (FLASHSTEP_ADMIN_TOKEN).")
 

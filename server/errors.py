@@ -22,14 +22,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models.errors import (
+from flashstep.models.errors import (
     CheckpointError,
     FlashstepError,
     ForbiddenPathError,
     InvalidRequestError,
     ModelNotFoundError,
 )
-from server.metrics import Metrics
+from flashstep.server.metrics import Metrics
 
 logger = logging.getLogger("flashstep.server")
 
@@ -153,7 +153,7 @@ def describe_validation_error(error: dict) -> tuple[str | None, str]:
     if kind in bounds:
         bound = next(iter(ctx.values()), None)
         return param, f"{name} must be {bounds[kind]} {bound} but is {_short(value)}"
-    if kind.startswith("flashstep_"):  # our own validators write the whole sentence after the name
+    if kind.startswith("flashstep_"):  # flashstep's own validators write the whole sentence after the name
         return param, f"{name} {error.get('msg')}"
     return param, f"{name}: {error.get('msg')} (got {_short(value)})"
 
@@ -180,7 +180,7 @@ async def _domain_error(request: Request, exc: FlashstepError) -> JSONResponse:
     for cls, status, error_type, param in DOMAIN_ERRORS:
         if isinstance(exc, cls):
             return error_response(status, str(exc), error_type, getattr(exc, "field", param))
-    # A FlashstepError with no HTTP meaning is a bug on our side: a logged, generic 500.
+    # A FlashstepError with no HTTP meaning is a server bug, not the client's fault: a logged, generic 500.
     return _unexpected(request.scope, exc)
 
 

@@ -1,11 +1,14 @@
 """The generation service both generation routes share: validate, queue, wait, encode.
 
-    route -> GenerationService.generate(model, requests)
-               in a worker thread: lease the model, check size, Engine.validate, Batcher.submit
+    route -> build_requests (HTTP names -> engine names)
+          -> GenerationService.generate(model, requests)
+               in a worker thread: lease the model, check size, engine.validate, Batcher.submit
                on the event loop: await the futures (timeout, client gone)
           -> encode_images (worker thread) -> response
 
 Validation and submission happen under one lease, so a hot swap cannot slip between them.
+The pydantic schemas check a body's shape with the bounds of models/validation.py; the engine's
+`validate` (that module's `validate_request`) is the one check of a request's values.
 """
 
 from __future__ import annotations
@@ -16,24 +19,27 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 from fastapi import Request
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from models.errors import InvalidRequestError
-from models.outputs import GenerationRequest
-from server.batcher import Batcher, ImageOutcome
-from server.errors import NotReadyError, RequestTimeoutError, ServerError, ShuttingDownError
-from server.lifecycle import Lifecycle, Phase
-from server.model_manager import ModelManager
-from server.schemas import MAX_SEED, GenerationOptions
+from flashstep.models.contract import EngineProtocol
+from flashstep.models.errors import InvalidRequestError
+from flashstep.models.outputs import GenerationRequest
+from flashstep.models.validation import MAX_SEED
+from flashstep.server.batcher import Batcher, ImageOutcome
+from flashstep.server.errors import NotReadyError, RequestTimeoutError, ServerError, ShuttingDownError
+from flashstep.server.lifecycle import Lifecycle, Phase
+from flashstep.server.model_manager import ModelManager
+from flashstep.server.schemas import GenerationOptions
 
 logger = logging.getLogger("flashstep.server")
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DISCONNECT_POLL_S = 0.25
-# Engine field names -> the names clients send on our routes.
+# The one field whose HTTP name differs from the engine's: GenerationRequest field -> route field.
+# `build_requests` maps HTTP -> engine; `GenerationService` maps engine errors back with this.
 API_FIELD_NAMES = {"num_inference_steps": "steps"}
 
 
@@ -52,7 +58,12 @@ def first_seed(seed: int | None, n: int) -> int:
 
 
 def build_requests(prompt: str, options: GenerationOptions, n: int, **size: int | None) -> list[GenerationRequest]:
-    """One `GenerationRequest` per image; image i gets seed + i, so each is reproducible alone."""
+    """One `GenerationRequest` per image; image i gets seed + i, so each is reproducible alone.
+
+    The one place HTTP fields become engine fields: `steps` (alias `num_inference_steps`) becomes
+    `GenerationRequest.num_inference_steps`; every other field keeps its name. Errors about
+    engine fields are renamed back by `API_FIELD_NAMES`.
+    """
     seed = first_seed(options.seed, n)
     if seed + n - 1 > MAX_SEED:
         raise InvalidRequestError("seed", f"`seed` + n - 1 must be at most {MAX_SEED} but is {seed + n - 1}")
@@ -70,7 +81,7 @@ def build_requests(prompt: str, options: GenerationOptions, n: int, **size: int 
     return [replace(base, seed=seed + i) for i in range(n)]
 
 
-def encode_image(image: Any, output_format: str, compression: int | None = None) -> bytes:
+def encode_image(image: Image.Image, output_format: str, compression: int | None = None) -> bytes:
     """PNG, JPEG or WebP bytes of a PIL image; `compression` is the quality loss in percent."""
     buffer = io.BytesIO()
     if output_format == "png":
@@ -100,7 +111,7 @@ class GenerationService:
         requests: list[GenerationRequest],
         http_request: Request,
         *,
-        check: Callable[[Any], None] | None = None,
+        check: Callable[[EngineProtocol], None] | None = None,
         field_names: dict[str, str] | None = None,
     ) -> list[ImageOutcome]:
         """Images for `requests` from `model` (the default when None), in request order.

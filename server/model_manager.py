@@ -31,40 +31,45 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.errors import ForbiddenPathError, ModelNotFoundError
-from server.errors import ModelConflictError
-from server.metrics import Metrics
+from flashstep.models.contract import EngineProtocol
+from flashstep.models.errors import ForbiddenPathError, ModelNotFoundError
+from flashstep.server.errors import ModelConflictError
+from flashstep.server.metrics import Metrics
 
 logger = logging.getLogger("flashstep.server")
 
-# (name_or_path, *, name, models_root, device, dtype) -> Engine
-EngineLoader = Callable[..., Any]
+# (name_or_path, *, name, models_root, device, dtype, attention_backend) -> a loaded engine
+EngineLoader = Callable[..., EngineProtocol]
 
 
-def registry_loader(name_or_path: str | Path, *, name: str, models_root: Path | None, **kwargs: Any) -> Any:
-    """Load through `models.registry`, refusing any folder outside the models root (403).
+def registry_loader(name_or_path: str | Path, *, name: str, models_root: Path | None, **kwargs: Any) -> EngineProtocol:
+    """Load through `models.engine.load_engine`, refusing any folder outside the models root (403).
 
     The registry allows the models root and the shipped models; a bare name the registry does
     not know would be tried relative to the working directory, so the resolved folder is
     checked here once more.
     """
-    # Imported here, not at module top: `models.registry` pulls in torch and diffusers, and the
+    # Imported here, not at module top: `models.engine` pulls in torch and diffusers, and the
     # server's settings and CLI must stay importable (and `--help` fast) without them.
-    from models import registry
+    from flashstep.models import registry
+    from flashstep.models.engine import load_engine
 
     path = registry.resolve(str(name_or_path), models_root, restrict_to_root=True)
     roots = [registry.SHIPPED_MODELS_DIR, *([Path(models_root).resolve()] if models_root is not None else [])]
     if not any(path.resolve().is_relative_to(root) for root in roots):
         raise ForbiddenPathError(f"model folder {str(name_or_path)!r} lies outside the models root {models_root}")
-    return registry.load_engine(str(path), models_root, restrict_to_root=True, name=name, **kwargs)
+    return load_engine(str(path), models_root, restrict_to_root=True, name=name, **kwargs)
 
 
 @dataclass
 class LoadedModel:
-    """One engine serving one name. `serial` tells engines apart across swaps of the same name."""
+    """One engine serving one name. `serial` tells engines apart across swaps of the same name.
+
+    `engine` is None once closed (its last lease ended after an unload or swap).
+    """
 
     name: str
-    engine: Any
+    engine: EngineProtocol | None
     serial: int
     version: str
     loaded_at: float
@@ -237,7 +242,7 @@ class ModelManager:
         try:
             handle.engine.close()
         finally:
-            handle.engine = None  # drop our reference so the weights can be collected
+            handle.engine = None  # the manager's reference is the last: dropping it lets the weights be collected
             gc.unfreeze()  # the engine's objects were frozen with the rest at load
             gc.collect()
             gc.freeze()

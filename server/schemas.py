@@ -1,8 +1,10 @@
 """Request and response bodies of every route, as pydantic models (the OpenAPI schema at /docs).
 
-Ranges the server owns (n, output_compression, seed) are checked here; ranges that depend on
-the model (steps, guidance, size, prompt length in tokens, negative prompt support) are the
-engine's to check (`Engine.validate`), so the two can never disagree.
+Ranges of the HTTP API itself (n, output_compression, size syntax) are checked here. Ranges of a
+generation request's values (seed, prompt length, guidance, steps, size, nasa_alpha) belong to
+models/validation.py: the bounds below that repeat them are imported from there, and the checks
+that depend on the model (steps, size, tokens, negative prompt support) run in the engine's
+`validate`, so HTTP and the engine can never disagree.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-MAX_SEED = 2**32 - 1
+from flashstep.models.validation import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED
+
 MAX_IMAGES = 10
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -68,7 +71,9 @@ class GenerationOptions(BaseModel):
         validation_alias=AliasChoices("steps", "num_inference_steps"),
         description="UNet steps; one of the model's allowed steps (GET /v1/models). Default: the model's.",
     )
-    guidance_scale: float | None = Field(None, description="CFG scale. Default: the model's.")
+    guidance_scale: float | None = Field(
+        None, description=f"CFG scale, 0 to {MAX_GUIDANCE:g}; families without CFG take only 0. Default: the model's."
+    )
     nasa_alpha: float | None = Field(None, description="NASA negative-attention strength for one-step models.")
     hybrid: bool = Field(False, description="Diversity hybrid: the base model takes the first step.")
 
@@ -79,7 +84,7 @@ class GenerationOptions(BaseModel):
 class ImageGenerationRequest(GenerationOptions):
     """POST /v1/images/generations: the OpenAI Images API body, plus flashstep's options."""
 
-    prompt: str = Field(min_length=1, max_length=32_000, description="What to draw.")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
     model: str | None = Field(None, description="A loaded model (GET /v1/models). Default: the server's.")
     n: ImageCount = 1
     size: Annotated[str, AfterValidator(_check_size)] = Field(
@@ -145,7 +150,7 @@ class ModelList(BaseModel):
 class GenerateRequest(GenerationOptions):
     """POST /generate: one image comes back as its bytes, several as JSON."""
 
-    prompt: str = Field(min_length=1, max_length=32_000)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = None
     n: ImageCount = 1
     height: int | None = Field(None, description="Pixels; one of the model's sizes. Default: native.")

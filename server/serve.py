@@ -1,4 +1,4 @@
-"""`flashstep serve` / `python -m server`: parse the serve flags, build the app, run uvicorn.
+"""`flashstep serve` / `python -m flashstep.server`: parse the serve flags, build the app, run uvicorn.
 
 Flags override FLASHSTEP_* environment variables, which override the defaults in `Settings`.
 On SIGTERM (or Ctrl-C) the server stops taking work (503, /readyz 503), lets in-flight requests
@@ -16,8 +16,8 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from server.lifecycle import Lifecycle
-from server.settings import Settings
+from flashstep.server.lifecycle import Lifecycle
+from flashstep.server.settings import Settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -29,7 +29,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--port", type=int, help="TCP port (default 8000; 0 picks a free one)")
     add("--models-root", type=Path, help="the only folder checkpoints may load from (default: shipped models)")
     add("--models", help="comma-separated model names to load at start (default: every one in the root)")
-    add("--default-model", help="model for requests that name none (default: the first loaded)")
+    add("--default-model", help="model for requests that name none (default: shapes-instaflow when loaded, else the first loaded)")
     add("--max-batch-size", type=int, help="most images per forward pass (default 8)")
     add("--max-wait-ms", type=float, help="longest a request waits for its batch to fill (default 10)")
     add("--queue-limit", type=int, help="most images waiting; past it, 429 (default 256)")
@@ -73,7 +73,7 @@ class FlashstepServer(uvicorn.Server):
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    """Entry point of `flashstep serve` and `python -m server`; returns the exit status."""
+    """Entry point of `flashstep serve` and `python -m flashstep.server`; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -82,7 +82,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
 
-    from server.app import create_app  # after logging is set up; pulls in torch
+    from flashstep.server.app import create_app  # after logging is set up; pulls in torch
 
     app = create_app(settings)
     config = uvicorn.Config(

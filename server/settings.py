@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     image_store_size: int = Field(256, ge=1, description="Most images kept for response_format=url.")
     image_ttl_s: float = Field(600.0, gt=0, description="Seconds an image stays fetchable at its url.")
     graceful_shutdown_s: float = Field(60.0, ge=0, description="On SIGTERM, how long in-flight requests may take.")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level of log lines written.")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -58,7 +58,9 @@ class Settings(BaseSettings):
     @classmethod
     def _known_backend(cls, value: str | None) -> str | None:
         try:
-            from kernels import AttentionBackend  # light: loads neither triton nor xformers
+            from flashstep.kernels.backends import (
+                AttentionBackend,  # light: loads neither triton nor xformers
+            )
         except ImportError:
             return value  # no kernels package: the engine decides what the name means
         known = [b.value for b in AttentionBackend]

@@ -1,6 +1,6 @@
 """Peer (a): the common pattern, a FastAPI app that calls a diffusers pipeline once per request.
 
-    python -m bench.peers.fastapi_per_request --model-dir models/shipped/shapes-teacher --port 8101
+    python -m flashstep.bench.peers.fastapi_per_request --model-dir models/shipped/shapes-teacher --port 8101
 
 A sync route (FastAPI runs it in its thread pool) takes the pipeline's lock and calls it for its
 one image. The lock is what makes the pattern correct at all: a diffusers pipeline keeps scheduler
@@ -16,7 +16,7 @@ import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from bench.peers.vanilla import load_pipeline, parse_body, run_pipeline, set_threads, to_png
+from flashstep.bench.peers.vanilla import load_pipeline, parse_body, run_pipeline, set_threads, to_png
 
 
 def create_app(model_dir: Path, device: str, dtype: str):

@@ -1,6 +1,6 @@
 """Peer (c): the vanilla diffusers pipeline called in-process, one image per call: the floor for overhead.
 
-    python -m bench.peers.in_process --model-dir models/shipped/shapes-teacher --steps 1 \
+    python -m flashstep.bench.peers.in_process --model-dir models/shipped/shapes-teacher --steps 1 \
         --guidance-scale 0 --resolution 64 --requests 40 --out /tmp/in_process.json
 
 It runs as its own process (like the servers, with the same torch threads) and times what a server
@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.peers.vanilla import load_pipeline, parse_body, run_pipeline, set_threads, to_png
-from bench.workload import Workload
+from flashstep.bench.peers.vanilla import load_pipeline, parse_body, run_pipeline, set_threads, to_png
+from flashstep.bench.workload import Workload
 
 
 def measure(pipe, workload: Workload, requests: int, warmup: int, first_index: int = 0) -> dict:

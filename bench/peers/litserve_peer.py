@@ -1,6 +1,6 @@
 """Peer (b): LitServe with its dynamic batching, on the same pipeline call.
 
-    python -m bench.peers.litserve_peer --model-dir models/shipped/shapes-teacher --port 8102 \
+    python -m flashstep.bench.peers.litserve_peer --model-dir models/shipped/shapes-teacher --port 8102 \
         --max-batch-size 8 --batch-timeout 0.01
 
 `LitAPI(max_batch_size, batch_timeout)` as flashstep's `max_batch_size` and `max_wait_ms`: LitServe
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import litserve as ls
 
-from bench.peers.vanilla import load_pipeline, parse_body, run_pipeline, set_threads, to_png
+from flashstep.bench.peers.vanilla import load_pipeline, parse_body, run_pipeline, set_threads, to_png
 
 
 class DiffusersBatchedAPI(ls.LitAPI):

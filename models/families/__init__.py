@@ -18,15 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-from models.denoiser import Denoiser
-from models.errors import CheckpointError, UnknownFamilyError
-from models.families.hypersd import sample_tcd
-from models.families.instaflow import sample_rf_euler
-from models.families.lcm import sample_lcm
-from models.families.swiftbrush import sample_swiftbrush
-from models.families.teacher import sample_ddim, sample_dpmpp_2m
-from models.flashstep_config import FAMILIES, FlashstepConfig
-from models.schedule import (
+from flashstep.models.denoiser import Denoiser
+from flashstep.models.errors import CheckpointError, UnknownFamilyError
+from flashstep.models.families.hypersd import sample_tcd
+from flashstep.models.families.instaflow import sample_rf_euler
+from flashstep.models.families.lcm import sample_lcm
+from flashstep.models.families.swiftbrush import sample_swiftbrush
+from flashstep.models.families.teacher import sample_ddim, sample_dpmpp_2m
+from flashstep.models.flashstep_config import FAMILIES, FlashstepConfig
+from flashstep.models.schedule import (
     NoiseSchedule,
     linspace_timesteps,
     rectified_flow_timesteps,

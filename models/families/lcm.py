@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from models.denoiser import Denoiser
-from models.schedule import NoiseSchedule, noise_like, x0_from_eps
+from flashstep.models.denoiser import Denoiser
+from flashstep.models.schedule import NoiseSchedule, noise_like, x0_from_eps
 
 
 @torch.no_grad()

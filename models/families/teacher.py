@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from models.denoiser import Denoiser
-from models.schedule import NoiseSchedule, x0_from_eps
+from flashstep.models.denoiser import Denoiser
+from flashstep.models.schedule import NoiseSchedule, x0_from_eps
 
 
 def _lambda(schedule: NoiseSchedule, t: float) -> float:

@@ -9,10 +9,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, status
 from starlette.concurrency import run_in_threadpool
 
-from models.errors import ModelNotFoundError
-from server.dependencies import ManagerDep, require_admin
-from server.model_manager import LoadedModel
-from server.schemas import (
+from flashstep.models.errors import ModelNotFoundError
+from flashstep.server.dependencies import ManagerDep, require_admin
+from flashstep.server.model_manager import LoadedModel
+from flashstep.server.schemas import (
     AdminModel,
     AdminModelList,
     LoadModelRequest,
@@ -49,7 +49,7 @@ async def list_models(manager: ManagerDep) -> AdminModelList:
         models = []
         for name in manager.names():
             try:
-                with manager.lease(name) as handle:  # pinned: not closed while we read it
+                with manager.lease(name) as handle:  # pinned: not closed while it is read
                     models.append(_describe(handle, default))
             except ModelNotFoundError:  # unloaded meanwhile
                 continue

@@ -6,9 +6,9 @@ import base64
 
 from fastapi import APIRouter, Request, Response
 
-from server.dependencies import GenerationDep
-from server.generation import MEDIA_TYPES, build_requests, encode_images, timing_headers
-from server.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Timings
+from flashstep.server.dependencies import GenerationDep
+from flashstep.server.generation import MEDIA_TYPES, build_requests, encode_images, timing_headers
+from flashstep.server.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Timings
 
 router = APIRouter(tags=["native"])
 

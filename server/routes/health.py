@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from server.dependencies import BatcherDep, LifecycleDep, ManagerDep, MetricsDep
+from flashstep.server.dependencies import BatcherDep, LifecycleDep, ManagerDep, MetricsDep
 
 router = APIRouter(tags=["operations"])
 

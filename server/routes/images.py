@@ -8,11 +8,12 @@ import time
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from models.errors import InvalidRequestError
-from server.dependencies import GenerationDep, ImageStoreDep, ManagerDep
-from server.errors import error_body
-from server.generation import MEDIA_TYPES, build_requests, encode_images, timing_headers
-from server.schemas import (
+from flashstep.models.contract import EngineProtocol
+from flashstep.models.errors import InvalidRequestError
+from flashstep.server.dependencies import GenerationDep, ImageStoreDep, ManagerDep
+from flashstep.server.errors import error_body
+from flashstep.server.generation import MEDIA_TYPES, build_requests, encode_images, timing_headers
+from flashstep.server.schemas import (
     ImageData,
     ImageGenerationRequest,
     ImagesResponse,
@@ -24,13 +25,13 @@ from server.schemas import (
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-def model_sizes(engine) -> list[str]:
+def model_sizes(engine: EngineProtocol) -> list[str]:
     """The sizes a request may ask of `engine`, native first."""
     return [f"{side}x{side}" for side in engine.config.resolutions]
 
 
 def _check_size(size: str):
-    def check(engine) -> None:
+    def check(engine: EngineProtocol) -> None:
         allowed = model_sizes(engine)
         if size != "auto" and size not in allowed:
             raise InvalidRequestError(

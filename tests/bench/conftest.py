@@ -14,9 +14,9 @@ import pytest
 @pytest.fixture(scope="session")
 def bench_models(tmp_path_factory) -> Path:
     """A models root holding `tiny-teacher` (teacher, CFG 4) and `tiny-swift` (swiftbrush, one step)."""
-    from models.flashstep_config import FlashstepConfig
-    from training.architecture import ShapesArch
-    from training.export import export_random
+    from flashstep.models.flashstep_config import FlashstepConfig
+    from flashstep.training.architecture import ShapesArch
+    from flashstep.training.export import export_random
 
     root = tmp_path_factory.mktemp("bench-models")
     teacher = FlashstepConfig(
@@ -31,7 +31,7 @@ def bench_models(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def latency_report(bench_models, tmp_path_factory) -> tuple[dict, Path]:
     """bench.latency on the tiny pair: teacher@2+CFG baseline, one call per configuration, batch 1 and 2."""
-    from bench import latency
+    from flashstep.bench import latency
 
     out = tmp_path_factory.mktemp("latency-results")
     models = {n: bench_models / n for n in ("tiny-teacher", "tiny-swift")}
@@ -45,8 +45,8 @@ def latency_report(bench_models, tmp_path_factory) -> tuple[dict, Path]:
 @pytest.fixture(scope="session")
 def load_report(bench_models, tmp_path_factory) -> tuple[dict, Path]:
     """bench.load on tiny-swift: flashstep, both peers and the in-process floor, concurrency 1 and 2."""
-    from bench import load
-    from bench.servers import BatchSettings, Runtime
+    from flashstep.bench import load
+    from flashstep.bench.servers import BatchSettings, Runtime
 
     out = tmp_path_factory.mktemp("load-results")
     folder = bench_models / "tiny-swift"

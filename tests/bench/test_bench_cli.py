@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import gpu
+from flashstep.bench import gpu
 from flashstep.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +58,7 @@ def test_gpu_run_tables_each_runnable_backend_and_says_why_others_were_skipped(b
 
 def test_a_backend_that_raises_is_reported_as_failed_and_the_others_still_run(bench_models, tmp_path, monkeypatch):
     """A lent GPU is minutes long: one backend's crash must not cost the other backends' figures."""
-    from bench import latency
+    from flashstep.bench import latency
 
     real_run = latency.run
 

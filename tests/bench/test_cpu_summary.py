@@ -1,10 +1,13 @@
-"""bench/cpu.py: the three parts' reports become one cpu.json with the issue's keys, and README markdown."""
+"""bench/cpu.py: the three parts' reports become one cpu.json with every ratio key on top, and README markdown."""
 
 from __future__ import annotations
 
-from bench import cpu, sd15_cpu
+import pytest
+
+from flashstep.bench import cpu, sd15_cpu
 
 
+@pytest.mark.slow
 def test_combined_report_carries_every_ratio_key_on_top_and_renders_markdown(latency_report, load_report):
     sd = {"figures": sd15_cpu.figures_from({k: [1.0] for k in (
         "text_encoder", "text_encoder_cfg", "unet_b1", "unet_b2_cfg", "vae_decode", "tiny_decode")})}  # fmt: skip

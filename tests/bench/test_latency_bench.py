@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from bench import latency
-from bench.report import percentile, summarize
-from models.flashstep_config import FlashstepConfig
+from flashstep.bench import latency
+from flashstep.bench.report import percentile, summarize
+from flashstep.models.flashstep_config import FlashstepConfig
 
 TEACHER = FlashstepConfig(family="teacher", default_steps=25, allowed_steps=(1, 25), default_guidance_scale=4.0)
 SWIFT = FlashstepConfig(family="swiftbrush")
@@ -45,6 +45,7 @@ def test_plan_refuses_a_teacher_step_count_the_teacher_does_not_allow():
         latency.scenarios({"t": TEACHER}, "t", 30, (1,))
 
 
+@pytest.mark.slow
 def test_run_on_tiny_checkpoints_writes_figures_ratio_key_and_plot(latency_report):
     report, out = latency_report
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from bench import load
-from bench.peers.vanilla import parse_body
-from bench.workload import Workload, unique_prompts
+from flashstep.bench import load
+from flashstep.bench.peers.vanilla import parse_body
+from flashstep.bench.workload import Workload, unique_prompts
 
 RATIO_KEYS = ("http_overhead_ratio", "throughput_ratio_vs_naive", "throughput_ratio_vs_litserve", "p99_ratio_vs_litserve")
 
@@ -54,6 +54,7 @@ def test_ratios_compare_flashstep_with_each_peer_at_the_chosen_concurrency():
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sweep_of_flashstep_and_its_peers_has_zero_errors_and_every_ratio_key(load_report):
     report, out = load_report
 

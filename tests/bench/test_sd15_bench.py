@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench import sd15_arch, sd15_cpu
+from flashstep.bench import sd15_arch, sd15_cpu
 
 
 def test_modules_built_from_the_public_configs_have_sd15s_parameter_counts():

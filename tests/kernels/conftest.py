@@ -1,17 +1,9 @@
-"""Kernel tests run the Triton kernels on the CPU interpreter unless TRITON_INTERPRET is set already.
-
-The interpreter picks itself at `@triton.jit` decoration time, so this must run before
-`kernels.triton_attention` is first imported; `kernels` itself loads triton lazily, so setting it
-here (at collection) is early enough even when other test folders import `kernels` first.
-On a GPU machine run `TRITON_INTERPRET=0 pytest tests/kernels` to compile the kernels for real.
+"""Kernel tests run the Triton kernels on the CPU interpreter unless TRITON_INTERPRET is set
+already (tests/conftest.py); on a GPU machine `TRITON_INTERPRET=0 pytest tests/kernels` compiles them.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 @pytest.fixture

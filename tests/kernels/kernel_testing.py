@@ -6,7 +6,7 @@
 import pytest
 import torch
 
-from kernels.backends import triton_interpreter_enabled
+from flashstep.kernels.backends import triton_interpreter_enabled
 
 INTERPRETED = triton_interpreter_enabled()
 # Interpreted kernels take CPU tensors; compiled ones need CUDA (their tests skip without it).

@@ -8,9 +8,10 @@ import pytest
 import torch
 from kernel_testing import INTERPRETED, needs_triton_device, random_qkv
 
-import kernels.backends as backends
-import kernels.dispatch as dispatch
-from kernels import AttentionBackend, attention, attention_backend, resolve_backend
+import flashstep.kernels.backends as backends
+import flashstep.kernels.dispatch as dispatch
+from flashstep.kernels.backends import AttentionBackend, attention_backend, resolve_backend
+from flashstep.kernels.dispatch import attention
 
 LOGGER = "flashstep.kernels"
 
@@ -144,7 +145,7 @@ def test_triton_without_cuda_or_interpreter_falls_back(caplog, monkeypatch):
 
 def test_triton_import_failure_is_a_failed_check_not_a_crash(caplog, monkeypatch):
     backends.triton_importable.cache_clear()
-    for module in ("triton", "kernels.triton_attention", "kernels.triton_nasa"):
+    for module in ("triton", "flashstep.kernels.triton_attention", "flashstep.kernels.triton_nasa"):
         monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     try:
         with caplog.at_level(logging.WARNING, logger=LOGGER):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bench import attention as bench
+from flashstep.bench import attention as bench
 
 
 def test_flops_are_four_b_h_lq_lk_d_and_nasa_counts_both_branches():

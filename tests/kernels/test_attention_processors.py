@@ -7,9 +7,10 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from kernel_testing import DEVICE, needs_triton_device
 
-import kernels.backends as backends
-import kernels.dispatch as dispatch
-from kernels import AttentionBackend, FlashstepAttnProcessor, install_attention_backend
+import flashstep.kernels.backends as backends
+import flashstep.kernels.dispatch as dispatch
+from flashstep.kernels.backends import AttentionBackend
+from flashstep.kernels.processors import FlashstepAttnProcessor, install_attention_backend
 
 # fp32 UNet outputs after 8 attention layers plus convs; the kernels differ only in summation order.
 UNET_ATOL, UNET_RTOL = 1e-4, 1e-4

@@ -12,7 +12,7 @@ from kernel_testing import (
     random_qkv,
 )
 
-from kernels import attention
+from flashstep.kernels.dispatch import attention
 
 pytestmark = needs_triton_device
 
@@ -41,7 +41,7 @@ def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, dtype: torch.
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 @pytest.mark.parametrize("shape", SHAPES)
 def test_flash_attention_matches_math_reference(shape, dtype):
-    from kernels.triton_attention import flash_attention
+    from flashstep.kernels.triton_attention import flash_attention
 
     q, k, v = random_qkv(*shape, dtype=dtype)
     out = flash_attention(q, k, v)
@@ -50,7 +50,7 @@ def test_flash_attention_matches_math_reference(shape, dtype):
 
 
 def test_flash_attention_honours_explicit_scale():
-    from kernels.triton_attention import flash_attention
+    from flashstep.kernels.triton_attention import flash_attention
 
     q, k, v = random_qkv(1, 2, 20, 24, 16, dtype=torch.float32)
     out = flash_attention(q, k, v, scale=0.05)
@@ -60,7 +60,7 @@ def test_flash_attention_honours_explicit_scale():
 
 def test_flash_attention_is_stable_for_large_scores():
     """Scores of +-100s would overflow a naive exp; the running max keeps the softmax finite."""
-    from kernels.triton_attention import flash_attention
+    from flashstep.kernels.triton_attention import flash_attention
 
     q, k, v = random_qkv(1, 1, 24, 40, 16, dtype=torch.float32)
     out = flash_attention(q * 30.0, k * 30.0, v)
@@ -70,7 +70,7 @@ def test_flash_attention_is_stable_for_large_scores():
 
 def test_flash_attention_takes_head_transposed_views_without_copies():
     """Processors pass (B, L, H, D).transpose(1, 2) views: strided, but contiguous in D."""
-    from kernels.triton_attention import flash_attention
+    from flashstep.kernels.triton_attention import flash_attention
 
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(2, 21, 3, 16, generator=gen).to(DEVICE).transpose(1, 2)  # (B, H, Lq, D) view
@@ -81,7 +81,7 @@ def test_flash_attention_takes_head_transposed_views_without_copies():
 
 
 def test_flash_attention_with_empty_query_returns_empty():
-    from kernels.triton_attention import flash_attention
+    from flashstep.kernels.triton_attention import flash_attention
 
     q, k, v = random_qkv(1, 2, 0, 5, 16, dtype=torch.float32)
     assert flash_attention(q, k, v).shape == (1, 2, 0, 16)
@@ -112,7 +112,7 @@ def test_flash_attention_with_empty_query_returns_empty():
     ],
 )
 def test_flash_attention_rejects_bad_inputs_naming_the_argument(make_inputs, message):
-    from kernels.triton_attention import flash_attention
+    from flashstep.kernels.triton_attention import flash_attention
 
     q, k, v = random_qkv(1, 2, 6, 5, 16, dtype=torch.float32)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -120,7 +120,7 @@ def test_flash_attention_rejects_bad_inputs_naming_the_argument(make_inputs, mes
 
 
 def test_flash_attention_rejects_head_dims_over_256():
-    from kernels.triton_attention import flash_attention
+    from flashstep.kernels.triton_attention import flash_attention
 
     q, k, v = random_qkv(1, 1, 4, 4, 257, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"head dim .* must be in \[1, 256\] but is 257"):
@@ -129,7 +129,7 @@ def test_flash_attention_rejects_head_dims_over_256():
 
 @pytest.mark.skipif(not INTERPRETED, reason="documents an interpreter-only limitation")
 def test_interpreter_refuses_bfloat16_with_a_reason():
-    from kernels.triton_attention import flash_attention
+    from flashstep.kernels.triton_attention import flash_attention
 
     q, k, v = random_qkv(1, 1, 4, 4, 16, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="bfloat16 is not supported under TRITON_INTERPRET=1"):
@@ -145,7 +145,7 @@ def test_interpreter_refuses_bfloat16_with_a_reason():
     ids=["sd15-self-4096-d40", "sd15-cross-1024-d80", "sd15-self-256-d160", "sd15-cross-4096-d40"],
 )
 def test_flash_attention_matches_reference_at_sd15_shapes_on_gpu(shape, dtype):
-    from kernels.triton_attention import flash_attention
+    from flashstep.kernels.triton_attention import flash_attention
 
     q, k, v = random_qkv(*shape, dtype=dtype)
     ref = attention(q.float(), k.float(), v.float(), backend="math").double()

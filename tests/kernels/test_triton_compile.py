@@ -33,7 +33,7 @@ import json, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import triton_attention, triton_nasa
+from flashstep.kernels import triton_attention, triton_nasa
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 POINTERS = {"Q", "K", "V", "Out", "KP", "VP", "KN", "VN"}
@@ -109,7 +109,7 @@ def kept_configs(dtype: str, head_dim_pad: int, lq_bucket: int, lk_bucket: int) 
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of every config the autotuner may launch for a shape."""
     import torch
 
-    from kernels import triton_attention
+    from flashstep.kernels import triton_attention
 
     element_size = {"fp16": 2, "bf16": 2, "fp32": 4}[dtype]
     q = torch.empty(0, dtype={"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
@@ -130,7 +130,7 @@ def test_every_float32_config_the_autotuner_may_launch_fits_shared_memory():
     compiler must agree with the estimate for every float32 config left (head dims 80 and 160, both
     kernels, sm90 and sm80) and for the largest half-precision one. (A sweep of every kept config,
     all dtypes, took under three minutes and found no half-precision config above its estimate.)"""
-    from kernels.triton_attention import SHARED_MEMORY_BUDGET
+    from flashstep.kernels.triton_attention import SHARED_MEMORY_BUDGET
 
     cases = [("attn", "fp32", hd, *c, False, 90) for hd, pad in ((80, 128), (160, 256)) for c in kept_configs("fp32", pad, 4096, 4096)]
     cases += [("nasa", "fp32", 160, *c, True, 90) for c in kept_configs("fp32", 256, 4096, 128)]

@@ -4,8 +4,9 @@ import pytest
 import torch
 from kernel_testing import DEVICE, TOLERANCES, kernel_dtypes, needs_cuda, needs_triton_device, random_qkv
 
-import kernels.triton_nasa
-from kernels import AttentionBackend, attention, nasa_attention
+import flashstep.kernels.triton_nasa as triton_nasa
+from flashstep.kernels.backends import AttentionBackend
+from flashstep.kernels.dispatch import attention, nasa_attention
 
 # (B, H, Lq, Lk+, Lk-, D): positive and negative prompts of different lengths, tails everywhere.
 SHAPES = [
@@ -35,7 +36,7 @@ def test_fused_nasa_matches_two_reference_attentions(shape, dtype, alpha):
     batch, heads, len_q, len_pos, len_neg, head_dim = shape
     q, k_pos, v_pos = random_qkv(batch, heads, len_q, len_pos, head_dim, dtype=dtype)
     k_neg, v_neg = negative_kv(batch, heads, len_neg, head_dim, dtype)
-    out = kernels.triton_nasa.nasa_flash_attention(q, k_pos, v_pos, k_neg, v_neg, alpha)
+    out = triton_nasa.nasa_flash_attention(q, k_pos, v_pos, k_neg, v_neg, alpha)
     atol, rtol = TOLERANCES[dtype]
     assert out.shape == q.shape and out.dtype == dtype
     torch.testing.assert_close(
@@ -47,7 +48,7 @@ def test_fused_nasa_matches_two_reference_attentions(shape, dtype, alpha):
 def test_fused_nasa_honours_explicit_scale():
     q, k_pos, v_pos = random_qkv(1, 2, 20, 17, 16, dtype=torch.float32)
     k_neg, v_neg = negative_kv(1, 2, 23, 16, torch.float32)
-    out = kernels.triton_nasa.nasa_flash_attention(q, k_pos, v_pos, k_neg, v_neg, 0.3, scale=0.07)
+    out = triton_nasa.nasa_flash_attention(q, k_pos, v_pos, k_neg, v_neg, 0.3, scale=0.07)
     d = [t.double() for t in (q, k_pos, v_pos, k_neg, v_neg)]
     ref = attention(d[0], d[1], d[2], backend="math", scale=0.07) - 0.3 * attention(
         d[0], d[3], d[4], backend="math", scale=0.07
@@ -58,13 +59,13 @@ def test_fused_nasa_honours_explicit_scale():
 @needs_triton_device
 def test_nasa_attention_on_triton_runs_the_fused_kernel_once(monkeypatch):
     calls = []
-    fused = kernels.triton_nasa.nasa_flash_attention
+    fused = triton_nasa.nasa_flash_attention
 
     def counting(*args, **kwargs):
         calls.append(args[5])
         return fused(*args, **kwargs)
 
-    monkeypatch.setattr(kernels.triton_nasa, "nasa_flash_attention", counting)
+    monkeypatch.setattr(triton_nasa, "nasa_flash_attention", counting)
     q, k_pos, v_pos = random_qkv(1, 2, 18, 7, 16, dtype=torch.float32)
     k_neg, v_neg = negative_kv(1, 2, 12, 16, torch.float32)
     out = nasa_attention(q, k_pos, v_pos, k_neg, v_neg, 0.2, backend="triton")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.flashstep_config import FlashstepConfig
-from training.export import export_random
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.training.export import export_random
 
 
 def derive(src: Path, dst: Path, config: FlashstepConfig) -> Path:
@@ -50,7 +50,7 @@ def student_dir(checkpoints, teacher_dir) -> Path:
     """A second, differently seeded UNet (a stand-in distilled model) with the teacher's other pieces."""
     from diffusers import UNet2DConditionModel
 
-    from training.architecture import ShapesArch, build_unet
+    from flashstep.training.architecture import ShapesArch, build_unet
 
     folder = derive(teacher_dir, checkpoints / "_student", FlashstepConfig(family="teacher", resolution=64))
     torch.manual_seed(1)
@@ -101,35 +101,35 @@ def models_root(checkpoints, teacher_dir, swiftbrush_dir, lcm_dir, instaflow_dir
 
 @pytest.fixture(scope="session")
 def teacher(teacher_dir, models_root):
-    from models.engine import Engine
+    from flashstep.models.engine import Engine
 
     return Engine.load(teacher_dir, models_root=models_root)
 
 
 @pytest.fixture(scope="session")
 def swiftbrush(swiftbrush_dir, models_root):
-    from models.engine import Engine
+    from flashstep.models.engine import Engine
 
     return Engine.load(swiftbrush_dir, models_root=models_root)
 
 
 @pytest.fixture(scope="session")
 def lcm(lcm_dir, models_root):
-    from models.engine import Engine
+    from flashstep.models.engine import Engine
 
     return Engine.load(lcm_dir, models_root=models_root)
 
 
 @pytest.fixture(scope="session")
 def instaflow(instaflow_dir, models_root):
-    from models.engine import Engine
+    from flashstep.models.engine import Engine
 
     return Engine.load(instaflow_dir, models_root=models_root)
 
 
 @pytest.fixture(scope="session")
 def hypersd(hypersd_unet_dir, models_root):
-    from models.engine import Engine
+    from flashstep.models.engine import Engine
 
     return Engine.load(hypersd_unet_dir, models_root=models_root)
 

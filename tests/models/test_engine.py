@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.engine import Engine
-from models.errors import CheckpointError, InvalidRequestError
-from models.outputs import GenerationRequest, GenerationResult
-from models.prompts import PromptCache, PromptEmbedding
-from models.schedule import cpu_generators, randn_per_sample
+from flashstep.models.contract import EngineProtocol
+from flashstep.models.engine import Engine
+from flashstep.models.errors import CheckpointError, InvalidRequestError
+from flashstep.models.outputs import GenerationRequest, GenerationResult
+from flashstep.models.prompts import PromptCache, PromptEmbedding
+from flashstep.models.schedule import cpu_generators, randn_per_sample
+from flashstep.models.validation import MAX_SEED
 
 
 def pixels(result: GenerationResult) -> np.ndarray:
@@ -64,6 +66,10 @@ def test_close_drops_modules(teacher_dir):
         engine.generate([GenerationRequest("a star", seed=0)])
 
 
+def test_a_loaded_engine_satisfies_the_server_contract(teacher):
+    assert isinstance(teacher, EngineProtocol)
+
+
 # ----- validation -----
 
 
@@ -88,7 +94,8 @@ def test_validate_fills_the_checkpoint_defaults(teacher, swiftbrush):
     (dict(nasa_alpha=-0.1), "nasa_alpha", ["`nasa_alpha`", "-0.1"]),
     (dict(height=48), "height", ["`height`", "[64, 32]", "48"]),
     (dict(width=60), "width", ["`width`", "multiples of 8", "60"]),
-    (dict(seed=-1), "seed", ["`seed`", "2**63 - 1", "-1"]),
+    (dict(seed=-1), "seed", ["`seed`", str(MAX_SEED), "-1"]),
+    (dict(seed=MAX_SEED + 1), "seed", ["`seed`", str(MAX_SEED + 1)]),
     (dict(seed=2**63), "seed", ["`seed`", str(2**63)]),
     (dict(hybrid=True), "hybrid", ["`hybrid`", "base"]),
     (dict(tiny_decoder=True), "tiny_decoder", ["`tiny_decoder`", "vae_tiny"]),

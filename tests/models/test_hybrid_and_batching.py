@@ -8,10 +8,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from models.engine import Engine
-from models.errors import InvalidRequestError
-from models.flashstep_config import FlashstepConfig
-from models.outputs import GenerationRequest
+from flashstep.models.engine import Engine
+from flashstep.models.errors import InvalidRequestError
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.outputs import GenerationRequest
 from tests.models.conftest import derive
 
 # Mean absolute pixel difference allowed between a request served alone and inside a batch, in

@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
-from models.engine import Engine
-from models.errors import CheckpointError, InvalidRequestError, UnknownFamilyError
-from models.flashstep_config import FAMILIES, FlashstepConfig
-from models.outputs import GenerationRequest
+from flashstep.models.engine import Engine
+from flashstep.models.errors import CheckpointError, InvalidRequestError, UnknownFamilyError
+from flashstep.models.flashstep_config import FAMILIES, FlashstepConfig
+from flashstep.models.outputs import GenerationRequest
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_a_flow_velocity_belongs_to_instaflow_and_to_swiftbrush_students_at_the_
     with pytest.raises(CheckpointError, match="'flow' belongs to families \\['instaflow', 'swiftbrush'\\] only"):
         Engine.load(folder)
     FlashstepConfig(family="instaflow", prediction="epsilon", resolution=64).save(folder)
-    with pytest.raises(CheckpointError, match="`prediction` must be 'flow'"):
+    with pytest.raises(CheckpointError, match=r"`prediction` must be one of \['flow', 'flow_match'\]"):
         Engine.load(folder)
 
 

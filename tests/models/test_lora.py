@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.engine import Engine
-from models.errors import CheckpointError
-from models.flashstep_config import FlashstepConfig
-from models.lora import _lookup, fuse_lora, read_lora
-from models.outputs import GenerationRequest
+from flashstep.models.engine import Engine
+from flashstep.models.errors import CheckpointError
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.lora import _lookup, fuse_lora, read_lora
+from flashstep.models.outputs import GenerationRequest
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # (32, 32) Linear
 CROSS = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"  # (32, 32) Linear from 32-d text

@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from models.denoiser import Conditioning, Denoiser
-from models.nasa import NasaAttnProcessor, install_nasa_processors, nasa_context
-from models.outputs import GenerationRequest
+from flashstep.models.denoiser import Conditioning, Denoiser
+from flashstep.models.nasa import NasaAttnProcessor, install_nasa_processors, nasa_context
+from flashstep.models.outputs import GenerationRequest
 
 
 def pixels(result) -> np.ndarray:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from models import registry
-from models.errors import ForbiddenPathError, ModelNotFoundError
+from flashstep.models import registry
+from flashstep.models.engine import load_engine
+from flashstep.models.errors import ForbiddenPathError, ModelNotFoundError
 
 
 @pytest.fixture
@@ -99,5 +100,5 @@ def test_restrict_to_root_resolves_dot_dots_and_symlinks_before_checking(shipped
 
 
 def test_load_engine_names_the_engine_after_the_model(shipped, root):
-    engine = registry.load_engine("my-model", root)
+    engine = load_engine("my-model", root)
     assert engine.name == "my-model" and engine.version.startswith("my-model@")

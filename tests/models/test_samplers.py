@@ -12,14 +12,14 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, TCDScheduler
 
-from models.families import family_timesteps
-from models.families.hypersd import sample_tcd
-from models.families.instaflow import sample_rf_euler
-from models.families.lcm import sample_lcm
-from models.families.swiftbrush import sample_swiftbrush
-from models.families.teacher import sample_ddim, sample_dpmpp_2m
-from models.flashstep_config import FlashstepConfig
-from models.schedule import (
+from flashstep.models.families import family_timesteps
+from flashstep.models.families.hypersd import sample_tcd
+from flashstep.models.families.instaflow import sample_rf_euler
+from flashstep.models.families.lcm import sample_lcm
+from flashstep.models.families.swiftbrush import sample_swiftbrush
+from flashstep.models.families.teacher import sample_ddim, sample_dpmpp_2m
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.schedule import (
     NoiseSchedule,
     cpu_generators,
     linspace_timesteps,

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.engine import Engine
-from models.flashstep_config import FlashstepConfig
-from models.outputs import GenerationRequest
-from models.schedule import cpu_generators, randn_per_sample
+from flashstep.models.engine import Engine
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.outputs import GenerationRequest
+from flashstep.models.schedule import cpu_generators, randn_per_sample
 
 
 def pixels(result) -> np.ndarray:

@@ -1,29 +1,49 @@
 """Fixtures of the server tests: tiny random checkpoints and real uvicorn servers on 127.0.0.1.
 
 Servers run in a thread of the test process (port 0: the OS picks a free one), so tests can
-reach into `app.state` to slow down or break an engine on purpose. Every wait is bounded.
+reach into `app.state` to slow down or break an engine on purpose. Every wait is bounded:
+tests wait on events, or poll a condition with `wait_until`, never for a fixed time.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
 import uvicorn
 
-from server.app import create_app
-from server.settings import Settings
+from flashstep.server.app import create_app
+from flashstep.server.settings import Settings
 
 ADMIN_TOKEN = "test-admin-token"
 START_TIMEOUT_S = 120
+WAIT_S = 10  # how long a condition that should hold within milliseconds may take on a loaded CI box
+POLL_S = 0.01
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], *, message: str, timeout: float = WAIT_S) -> T:
+    """Poll `predicate` until it returns something truthy and return that.
+
+    Raises TimeoutError carrying `message` (what never happened) once `timeout` seconds pass; an
+    exception from `predicate` propagates at once, so a predicate can fail fast on a dead process.
+    """
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{message} (waited {timeout:g} s)")
+        time.sleep(POLL_S)
+    return value
 
 
 def _teacher_config():
-    from models.flashstep_config import FlashstepConfig
+    from flashstep.models.flashstep_config import FlashstepConfig
 
     return FlashstepConfig(
         family="teacher", default_steps=2, allowed_steps=(1, 2, 4), default_guidance_scale=3.0, resolution=64
@@ -31,7 +51,7 @@ def _teacher_config():
 
 
 def _swiftbrush_config():
-    from models.flashstep_config import FlashstepConfig
+    from flashstep.models.flashstep_config import FlashstepConfig
 
     return FlashstepConfig(family="swiftbrush", default_steps=1, allowed_steps=(1,), resolution=64)
 
@@ -39,8 +59,8 @@ def _swiftbrush_config():
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory) -> Path:
     """teacher (seed 0), teacher-v2 (seed 1: another version of it) and swift (one step)."""
-    from training.architecture import ShapesArch
-    from training.export import export_random
+    from flashstep.training.architecture import ShapesArch
+    from flashstep.training.export import export_random
 
     root = tmp_path_factory.mktemp("models")
     export_random(root / "teacher", _teacher_config(), arch=ShapesArch.tiny(), seed=0)
@@ -52,8 +72,8 @@ def models_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def outside_model(tmp_path_factory) -> Path:
     """A valid checkpoint outside the models root: loading it must be refused."""
-    from training.architecture import ShapesArch
-    from training.export import export_random
+    from flashstep.training.architecture import ShapesArch
+    from flashstep.training.export import export_random
 
     return export_random(tmp_path_factory.mktemp("outside") / "intruder", _swiftbrush_config(), arch=ShapesArch.tiny())
 
@@ -70,26 +90,28 @@ class LiveServer:
 
     def start(self) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
+
+        def started() -> bool:
+            if not self.thread.is_alive():
+                raise RuntimeError("uvicorn exited before it started")
+            return self.server.started
+
+        wait_until(started, timeout=START_TIMEOUT_S, message="uvicorn did not start")
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         return self
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> LiveServer:
-        deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=self.url, timeout=5) as client:
-            while time.monotonic() < deadline:
+
+            def ready() -> bool:
                 body = client.get("/readyz").json()
-                if body["status"] == "ready":
-                    return self
                 if body["status"] == "failed":
                     raise RuntimeError(f"server failed to load models: {body.get('error')}")
-                time.sleep(0.05)
-        raise TimeoutError("server not ready in time")
+                return body["status"] == "ready"
+
+            wait_until(ready, timeout=timeout_s, message="the server never reported ready")
+        return self
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -1,29 +1,34 @@
-"""A stand-in engine with the `models.engine.Engine` interface, for fast unit tests of server logic.
+"""A stand-in engine implementing `models.contract.EngineProtocol`, for fast unit tests of server logic.
 
 Images are solid colours derived from the seed, so a test can tell which request got which
-image; `delay`, `fail_on` and `gate` make batches slow, failing or held on demand.
+image; `fail_on` makes batches fail, and `gate` holds them inside `generate` until the test
+releases it (`entered` tells the test a batch got there).
 """
 
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Hashable
 from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
 
-from models.errors import InvalidRequestError
-from models.flashstep_config import FlashstepConfig
-from models.outputs import GenerationRequest, GenerationResult, StageTimings
+from flashstep.models.contract import EngineProtocol
+from flashstep.models.errors import InvalidRequestError
+from flashstep.models.flashstep_config import FlashstepConfig
+from flashstep.models.outputs import GenerationRequest, GenerationResult, StageTimings
 
 
 def seed_colour(seed: int) -> tuple[int, int, int]:
     return (seed * 37 % 256, seed * 91 % 256, seed * 13 % 256)
 
 
+GATE_TIMEOUT_S = 30  # a test that forgets to open a gate fails instead of hanging
+
+
 class FakeEngine:
-    """Deterministic, instant (unless told otherwise) engine."""
+    """Deterministic, instant (unless held at `gate`) engine."""
 
     def __init__(
         self,
@@ -32,11 +37,10 @@ class FakeEngine:
         version: str = "v1",
         family: str = "teacher",
         allowed_steps: tuple[int, ...] = (1, 2, 4),
-        delay: float = 0.0,
         fail_on: str | None = None,
     ):
         self.name = name
-        self.path = Path("/models") / name
+        self.path: Path = Path("/models") / name
         self.version = version
         self.family = family
         self.device = "cpu"
@@ -45,9 +49,9 @@ class FakeEngine:
         self.config = FlashstepConfig(
             family=family, default_steps=allowed_steps[0], allowed_steps=allowed_steps, resolution=64
         )
-        self.delay = delay
         self.fail_on = fail_on
-        self.gate: threading.Event | None = None  # when set, generate waits for it
+        self.gate: threading.Event | None = None  # when not None, generate waits until it is set
+        self.entered = threading.Event()  # set once a batch is inside generate
         self.batches: list[int] = []
         self.closed = False
         self.warmed = False
@@ -65,16 +69,15 @@ class FakeEngine:
             raise InvalidRequestError("negative_prompt", "`negative_prompt` needs nasa_alpha for swiftbrush")
         return replace(request, num_inference_steps=steps, height=request.height or 64, width=request.width or 64)
 
-    def batch_key(self, request: GenerationRequest) -> tuple:
+    def batch_key(self, request: GenerationRequest) -> Hashable:
         return (self.family, request.num_inference_steps, request.height, request.width)
 
     def generate(self, requests: list[GenerationRequest]) -> GenerationResult:
         if self.closed:
             raise RuntimeError("generate on a closed engine")
-        if self.gate is not None:
-            self.gate.wait(timeout=30)
-        if self.delay:
-            time.sleep(self.delay)
+        self.entered.set()
+        if self.gate is not None and not self.gate.wait(timeout=GATE_TIMEOUT_S):
+            raise RuntimeError("the test never opened the gate")
         if self.fail_on is not None and any(r.prompt == self.fail_on for r in requests):
             raise RuntimeError("simulated engine failure")
         self.batches.append(len(requests))
@@ -106,9 +109,10 @@ class FakeLoader:
         self.loaded: list[FakeEngine] = []
         self.release: threading.Event | None = None  # when set, loading waits for it
 
-    def __call__(self, name_or_path, *, name, models_root=None, **kwargs) -> FakeEngine:
+    def __call__(self, name_or_path, *, name, models_root=None, **kwargs) -> EngineProtocol:
         if self.release is not None:
-            self.release.wait(timeout=30)
+            if not self.release.wait(timeout=GATE_TIMEOUT_S):
+                raise RuntimeError("the test never released the loader")
         folder = Path(name_or_path).name
         kw = {**self.engine_kwargs, **self.per_name.get(folder, {})}
         kw.setdefault("version", folder)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import gc
 import threading
-import time
 import weakref
 from concurrent.futures import wait
 
 import pytest
 
-from models.errors import InvalidRequestError, ModelNotFoundError
-from models.outputs import GenerationRequest
-from server.batcher import Batcher
-from server.errors import EngineFailure, ModelConflictError, QueueFullError, ShuttingDownError
-from server.metrics import Metrics
-from server.model_manager import ModelManager
+from flashstep.models.errors import InvalidRequestError, ModelNotFoundError
+from flashstep.models.outputs import GenerationRequest
+from flashstep.server.batcher import Batcher
+from flashstep.server.errors import EngineFailure, ModelConflictError, QueueFullError, ShuttingDownError
+from flashstep.server.metrics import Metrics
+from flashstep.server.model_manager import ModelManager
+from tests.server.conftest import wait_until
 from tests.server.fakes import FakeLoader, seed_colour
 
 TIMEOUT_S = 10
@@ -72,9 +72,7 @@ def test_requests_arriving_during_a_batch_run_together_as_soon_as_it_ends(manage
     engine.gate = threading.Event()
     batcher = make_batcher(manager, max_wait_ms=60_000)
     first = submit(batcher, manager, [0])  # runs at once and holds the device
-    deadline = time.monotonic() + TIMEOUT_S
-    while batcher.depth and time.monotonic() < deadline:
-        time.sleep(0.01)  # until the worker has taken it (it then waits at the gate)
+    assert engine.entered.wait(TIMEOUT_S), "the first request never reached the engine"
     later = [submit(batcher, manager, [seed])[0] for seed in (1, 2, 3)]  # one at a time, as clients do
     engine.gate.set()
     done, _ = wait(first + later, timeout=TIMEOUT_S)
@@ -99,7 +97,7 @@ def test_cancelled_requests_are_dropped_before_their_batch_runs(manager):
     engine.gate = threading.Event()
     batcher = make_batcher(manager, max_batch_size=2, max_wait_ms=0)
     first = submit(batcher, manager, [1, 2])  # taken by the worker, held at the gate
-    time.sleep(0.1)
+    assert engine.entered.wait(TIMEOUT_S), "the first batch never reached the engine"
     gone = submit(batcher, manager, [3, 4])
     for future in gone:
         assert future.cancel()
@@ -127,10 +125,12 @@ def test_an_engine_failure_fails_only_its_batch(loader):
 
 
 def test_the_queue_is_bounded(manager):
-    manager.get("m").engine.gate = threading.Event()
+    engine = manager.get("m").engine
+    engine.gate = threading.Event()
     batcher = make_batcher(manager, max_batch_size=1, max_wait_ms=0, queue_limit=3)
     futures = submit(batcher, manager, [1])
-    time.sleep(0.1)  # the worker holds the first; three more fit in the queue
+    assert engine.entered.wait(TIMEOUT_S), "the first request never reached the engine"
+    # The worker holds the first; three more fit in the queue.
     futures += submit(batcher, manager, [2, 3, 4])
     with pytest.raises(QueueFullError) as info:
         submit(batcher, manager, [5])
@@ -162,7 +162,7 @@ def test_a_swap_keeps_in_flight_batches_on_the_old_engine(manager, loader):
     old.gate = threading.Event()
     batcher = make_batcher(manager, max_wait_ms=0)
     running = submit(batcher, manager, [1])
-    time.sleep(0.1)  # the batch is inside generate on the old engine
+    assert old.entered.wait(TIMEOUT_S), "the batch never reached the old engine"
     _, new_handle = manager.swap("m", "m2")
     assert new_handle.engine.warmed and not old.closed  # still leased by the running batch
     after = submit(batcher, manager, [2])  # validated by the new engine, queued behind the running batch
@@ -170,10 +170,8 @@ def test_a_swap_keeps_in_flight_batches_on_the_old_engine(manager, loader):
     wait(running + after, timeout=TIMEOUT_S)
     assert running[0].result().model_version == "m"
     assert after[0].result().model_version == "m2"
-    deadline = time.monotonic() + TIMEOUT_S
-    while not old.closed and time.monotonic() < deadline:  # closed by a helper thread
-        time.sleep(0.01)
-    assert old.closed  # freed when its last batch ended
+    # Freed when its last batch ended, by a helper thread.
+    wait_until(lambda: old.closed, timeout=TIMEOUT_S, message="the swapped-out engine was never closed")
     batcher.stop()
 
 
@@ -182,7 +180,7 @@ def test_requests_queued_across_a_swap_are_validated_again(manager, loader):
     manager.get("m").engine.gate = threading.Event()
     batcher = make_batcher(manager, max_batch_size=1, max_wait_ms=0)
     blocker = submit(batcher, manager, [0])
-    time.sleep(0.1)
+    assert loader.loaded[0].entered.wait(TIMEOUT_S), "the blocking batch never reached the engine"
     queued = submit(batcher, manager, [1], num_inference_steps=4)  # fine for m, not for m2
     manager.swap("m", "m2")
     manager.get("m").engine.gate = None

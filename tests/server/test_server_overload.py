@@ -4,41 +4,70 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import httpx
 import pytest
 
-from server.app import create_app
-from server.settings import Settings
-from tests.server.conftest import LiveServer, metric_value
+from flashstep.server.app import create_app
+from flashstep.server.settings import Settings
+from tests.server.conftest import WAIT_S, LiveServer, metric_value, wait_until
 from tests.server.fakes import FakeLoader
+
+GATE_TIMEOUT_S = 30
+
+
+@dataclass
+class Held:
+    """Batches of an engine held at `gate`: `entered` once one is inside, `left` once one finished."""
+
+    gate: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+    left: threading.Event = field(default_factory=threading.Event)
 
 
 @contextmanager
-def slowed(engine, seconds: float = 0.0, gate: threading.Event | None = None):
-    """Make every batch of `engine` take `seconds` longer (or wait for `gate`)."""
+def held(engine) -> Iterator[Held]:
+    """Hold every batch of `engine` inside generate until the test sets `gate` (opened on exit)."""
     original = engine.generate
+    state = Held()
 
-    def slow(requests):
-        if gate is not None:
-            gate.wait(timeout=30)
-        time.sleep(seconds)
-        return original(requests)
+    def hold(requests):
+        state.entered.set()
+        try:
+            if not state.gate.wait(timeout=GATE_TIMEOUT_S):
+                raise RuntimeError("the test never opened the gate")
+            return original(requests)
+        finally:
+            state.left.set()
 
-    engine.generate = slow
+    engine.generate = hold
     try:
-        yield
+        yield state
     finally:
+        state.gate.set()
         del engine.generate
 
 
-async def _burst(url: str, n: int) -> list[httpx.Response]:
+async def _burst_until_refused(url: str, n: int, gate: threading.Event) -> list[httpx.Response]:
+    """Send `n` requests at once; open `gate` as soon as one of them is refused with 429."""
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=n)) as client:
-        bodies = [{"prompt": "a cyan square", "seed": i} for i in range(n)]
-        return await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
+        tasks = [
+            asyncio.create_task(client.post("/generate", json={"prompt": "a cyan square", "seed": i}))
+            for i in range(n)
+        ]
+        pending = set(tasks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if any(t.result().status_code == 429 for t in done):
+                    break
+        finally:
+            gate.set()  # the held batch and the queue behind it may now run
+        return list(await asyncio.gather(*tasks))
 
 
 def assert_healthy(url: str) -> None:
@@ -50,8 +79,9 @@ def assert_healthy(url: str) -> None:
 
 
 def test_a_burst_past_the_queue_limit_gets_429_with_retry_after(overload_server):
-    with slowed(overload_server.engine("swift"), seconds=0.1):
-        responses = asyncio.run(_burst(overload_server.url, 30))
+    # The engine is held while the burst arrives, so the 4-image queue is full for certain.
+    with held(overload_server.engine("swift")) as engine:
+        responses = asyncio.run(_burst_until_refused(overload_server.url, 30, engine.gate))
     statuses = Counter(r.status_code for r in responses)
     assert set(statuses) <= {200, 429}, statuses
     assert statuses[429] >= 1 and statuses[200] >= 4, statuses
@@ -62,28 +92,38 @@ def test_a_burst_past_the_queue_limit_gets_429_with_retry_after(overload_server)
     assert_healthy(overload_server.url)
 
 
+@pytest.mark.slow
 def test_a_request_past_its_timeout_gets_504_and_nothing_breaks(overload_server):
-    gate = threading.Event()
-    with slowed(overload_server.engine("swift"), gate=gate):
-        started = time.monotonic()
+    with held(overload_server.engine("swift")) as engine:
         response = httpx.post(f"{overload_server.url}/generate", json={"prompt": "a star"}, timeout=30)
         assert response.status_code == 504 and response.json()["error"]["type"] == "timeout_error"
-        assert time.monotonic() - started < 10
-        gate.set()
+        # The 504 came while the engine still held the batch: the server did not wait for it.
+        assert engine.entered.is_set() and not engine.left.is_set()
+        engine.gate.set()
+        assert engine.left.wait(WAIT_S)
     assert_healthy(overload_server.url)
 
 
 def test_a_client_that_leaves_is_dropped_from_the_queue(overload_server):
     url = overload_server.url
     images_before = metric_value(url, "flashstep_images_generated_total", model="swift")
-    with slowed(overload_server.engine("swift"), seconds=1.0):
+
+    def client_gone_answers() -> float:
+        return metric_value(url, "flashstep_http_requests_total", route="/generate", method="POST", status="499")
+
+    gone_before = client_gone_answers()
+    with held(overload_server.engine("swift")) as engine:
         for _ in range(3):  # the first runs at once; the other two leave while queued behind it
             with pytest.raises(httpx.TimeoutException):
                 httpx.post(f"{url}/generate", json={"prompt": "a star"}, timeout=0.05)
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{url}/readyz", timeout=5).json()["queue_depth"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.2)  # let the running batch finish
+        # The server noticed all three clients leave while the first batch was still held.
+        wait_until(lambda: client_gone_answers() - gone_before >= 3, message="the server never noticed the clients leave")
+        engine.gate.set()
+        assert engine.left.wait(WAIT_S), "the running batch never finished"
+        wait_until(
+            lambda: httpx.get(f"{url}/readyz", timeout=5).json()["queue_depth"] == 0,
+            message="the abandoned requests were never taken off the queue",
+        )
     assert metric_value(url, "flashstep_images_generated_total", model="swift") - images_before <= 2
     assert_healthy(url)
 
@@ -115,9 +155,7 @@ def test_readyz_reports_a_failed_start():
     server = LiveServer(create_app(Settings(models=["broken"]), engine_loader=broken_loader)).start()
     try:
         with httpx.Client(base_url=server.url, timeout=10) as client:
-            deadline = time.monotonic() + 10
-            while client.get("/readyz").json()["status"] != "failed" and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_until(lambda: client.get("/readyz").json()["status"] == "failed", message="/readyz never said failed")
             failed = client.get("/readyz")
             assert failed.status_code == 503 and "disk on fire" in failed.json()["error"]
             assert client.get("/healthz").status_code == 200

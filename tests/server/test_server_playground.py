@@ -11,11 +11,12 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+
+from tests.server.conftest import wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -90,13 +91,8 @@ class WebDriver:
         self.cmd("POST", f"/element/{self.find(css)}/click", {})
 
     def wait_for(self, script: str, timeout_s: float = WAIT_S):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = self.run(script)
-            if value:
-                return value
-            time.sleep(0.1)
-        raise TimeoutError(f"condition never held: {script}")
+        """The first truthy value `script` returns in the page."""
+        return wait_until(lambda: self.run(script), timeout=timeout_s, message=f"condition never held: {script}")
 
     def quit(self) -> None:
         self.http.delete(f"/session/{self.session}")
@@ -112,17 +108,16 @@ def webdriver() -> Iterator[WebDriver]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    def driver_ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError("chromedriver exited before it was ready")
+        try:
+            return httpx.get(f"{url}/status", timeout=2).json()["value"]["ready"]
+        except httpx.TransportError:
+            return False  # not listening yet
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/status", timeout=2).json()["value"]["ready"]:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("chromedriver did not start")
-            time.sleep(0.1)
+        wait_until(driver_ready, timeout=30, message="chromedriver did not start")
         wd = WebDriver(url, browser)
         try:
             yield wd

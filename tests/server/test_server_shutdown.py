@@ -1,4 +1,4 @@
-"""`python -m server` as a real process: flags, startup, and SIGTERM letting in-flight requests finish."""
+"""`python -m flashstep.server` as a real process: flags, startup, and SIGTERM letting in-flight requests finish."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server.conftest import metric_value
+from tests.server.conftest import metric_value, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +45,7 @@ def _read_port(process: subprocess.Popen, lines: list[str]) -> int:
 
 def test_sigterm_lets_in_flight_requests_finish(models_root):
     command = [
-        sys.executable, "-m", "server", "--models-root", str(models_root), "--models", "teacher",
+        sys.executable, "-m", "flashstep.server", "--models-root", str(models_root), "--models", "teacher",
         "--port", "0", "--max-batch-size", "1", "--max-wait-ms", "0", "--log-level", "info",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLASHSTEP_ADMIN_TOKEN": ""}
@@ -54,10 +53,11 @@ def test_sigterm_lets_in_flight_requests_finish(models_root):
     lines: list[str] = []
     try:
         url = f"http://127.0.0.1:{_read_port(process, lines)}"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while httpx.get(f"{url}/readyz", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.1)
+        wait_until(
+            lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200,
+            timeout=START_TIMEOUT_S,
+            message="server never became ready",
+        )
 
         def generate(i: int) -> httpx.Response:
             body = {"prompt": "a pink circle", "n": IMAGES_EACH, "seed": 100 * i}
@@ -67,14 +67,14 @@ def test_sigterm_lets_in_flight_requests_finish(models_root):
             futures = [pool.submit(generate, i) for i in range(REQUESTS)]
             # Every request is in the batcher once made + queued images account for all but the
             # one a worker may hold; SIGTERM then lands while most of the work is still queued.
-            deadline = time.monotonic() + 60
             with httpx.Client(base_url=url, timeout=5) as probe:
-                while True:
+
+                def all_queued() -> tuple[float] | None:
+                    """(images made so far,) once every image is made, queued or held by a worker."""
                     made = metric_value(url, "flashstep_images_generated_total", model="teacher")
-                    if made + probe.get("/readyz").json()["queue_depth"] >= TOTAL - 1:
-                        break
-                    assert time.monotonic() < deadline, "requests never queued"
-                    time.sleep(0.01)
+                    return (made,) if made + probe.get("/readyz").json()["queue_depth"] >= TOTAL - 1 else None
+
+                (made,) = wait_until(all_queued, timeout=60, message="requests never queued")
             process.send_signal(signal.SIGTERM)
             assert made < TOTAL - IMAGES_EACH, "the work finished before SIGTERM: nothing was in flight"
             responses = [f.result() for f in futures]

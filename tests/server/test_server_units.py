@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.errors import describe_validation_error
-from server.image_store import ImageStore
-from server.metrics import batch_size_buckets
-from server.schemas import GenerateRequest, ImageGenerationRequest, parse_size
-from server.settings import Settings
+from flashstep.server.errors import describe_validation_error
+from flashstep.server.image_store import ImageStore
+from flashstep.server.metrics import batch_size_buckets
+from flashstep.server.schemas import GenerateRequest, ImageGenerationRequest, parse_size
+from flashstep.server.settings import Settings
 
 
 class Clock:
@@ -45,7 +45,7 @@ def test_settings_reject_out_of_range_values():
 
 
 def test_serve_flags_become_settings(monkeypatch):
-    from server.serve import build_parser, settings_from_args
+    from flashstep.server.serve import build_parser, settings_from_args
 
     monkeypatch.setenv("FLASHSTEP_QUEUE_LIMIT", "7")
     args = build_parser().parse_args(["--port", "0", "--models", "a,b", "--no-warmup"])
@@ -116,9 +116,9 @@ def test_settings_reject_unknown_attention_backends():
 
 
 def test_start_up_serves_the_shipped_one_step_default_unless_told_otherwise():
-    from models.registry import SHIPPED_DEFAULT_MODEL
-    from server.app import startup_models
-    from server.settings import Settings
+    from flashstep.models.registry import SHIPPED_DEFAULT_MODEL
+    from flashstep.server.app import startup_models
+    from flashstep.server.settings import Settings
 
     shipped = startup_models(Settings())
     assert shipped[0] == SHIPPED_DEFAULT_MODEL and "shapes-teacher" in shipped
