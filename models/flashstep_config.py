@@ -11,11 +11,15 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from models.errors import CheckpointError
+from flashstep.models.errors import CheckpointError
 
 CONFIG_NAME = "flashstep.json"
 FAMILIES = ("teacher", "swiftbrush", "instaflow", "hypersd", "lcm")
-PREDICTIONS = ("epsilon", "v_prediction", "flow")
+PREDICTIONS = ("epsilon", "v_prediction", "flow", "flow_match")
+# Rectified-flow velocities, by the sign the stored UNet outputs: "flow" is flashstep's v (from noise
+# towards the image, x0 = z + v(z, 1000)); "flow_match" is diffusers' flow-matching sign, -v = noise - x0
+# (x0 = z - u(z, 1000)), the sign vanilla diffusers' flow schedulers expect (models/diffusers_compat.py).
+FLOW_PREDICTIONS = ("flow", "flow_match")
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,8 @@ class FlashstepConfig:
 
     family: which sampler family runs it (FAMILIES).
     default_steps / allowed_steps: UNet evaluations a request may ask for.
-    prediction: what the UNet outputs (epsilon for SD-style, flow for rectified-flow velocity).
+    prediction: what the UNet outputs (epsilon for SD-style, flow for rectified-flow velocity v,
+        flow_match for the same velocity stored with diffusers' sign, -v; FLOW_PREDICTIONS).
     timesteps: explicit per-step-count timesteps, keys are step counts as strings
         (DDIM-trailing for Hyper-SD, [999] for one-step students); empty means the family's rule.
     default_guidance_scale: CFG scale when the request gives none (0 or 1 disables CFG).
@@ -80,6 +85,11 @@ class FlashstepConfig:
         for key, ts in self.timesteps.items():
             if not key.isdigit() or len(ts) != int(key):
                 raise CheckpointError(f"`timesteps[{key!r}]` must list {key} timesteps but lists {ts}")
+
+    @property
+    def velocity_sign(self) -> float:
+        """What the stored UNet's output is multiplied by to give flashstep's velocity v (flow families)."""
+        return -1.0 if self.prediction == "flow_match" else 1.0
 
     @property
     def resolutions(self) -> tuple[int, ...]:
