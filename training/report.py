@@ -10,18 +10,43 @@ rather than silently dropped. Three sections, as the distillation issue asks:
 - NASA: negative efficacy and positive adherence kept, on `negative.jsonl`, for each one-step
   model with its own `nasa_alpha` (and the teacher, where the negative is also the CFG uncond);
 - hybrid: diversity when the teacher takes the first step of a few-step student.
+
+The same results also render the README's table of shipped models (`models_table`), which
+`update_markdown` writes between marker comments, so the README and docs/shapesbench.md always
+show what the checked-in `reports/shapesbench.json` says:
+
+    python -m flashstep.training.report --update README.md docs/shapesbench.md
+    python -m flashstep.training.report --check README.md docs/shapesbench.md   # exit 1 when stale
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from training.evaluate import EvalOptions, evaluate_model
-from training.prompts import PROMPTS_DIR
+from flashstep.training.evaluate import EvalOptions, evaluate_model
+from flashstep.training.prompts import PROMPTS_DIR
 
 REPORT_DIR = Path(__file__).resolve().parent / "reports"
+REPORT_JSON = REPORT_DIR / "shapesbench.json"
+REPORT_COMMAND = "flashstep report --seeds {seeds}"
+UPDATE_COMMAND = "python -m flashstep.training.report --update"
+
+def made_by(model: str, models_root: Path | None = None) -> str:
+    """What produced `model`, as its flashstep.json `provenance.summary` says ("" when absent)."""
+    from flashstep.models.errors import ModelNotFoundError
+    from flashstep.models.flashstep_config import FlashstepConfig
+    from flashstep.models.registry import resolve
+
+    try:
+        folder = resolve(model, models_root)
+    except ModelNotFoundError:  # a row for a model not installed here
+        return ""
+    return str(FlashstepConfig.load(folder).provenance.get("summary", ""))
 
 
 @dataclass(frozen=True)
@@ -74,7 +99,8 @@ def run_report(
     rows: tuple[Row, ...] = ROWS, seeds: int = 8, models_root: Path | None = None, out: Path | None = REPORT_DIR
 ) -> list[dict]:
     """Evaluate every row whose model is installed; write `shapesbench.json` and `.md` to `out`."""
-    from models.registry import discover, load_engine
+    from flashstep.models.engine import load_engine
+    from flashstep.models.registry import discover
 
     installed = discover(models_root)
     engines: dict[str, object] = {}
@@ -164,3 +190,113 @@ def markdown(results: list[dict], seeds: int) -> str:
             f"| {_f(alone.get('diversity'))} | {_f(teacher.get('diversity'))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def load_results(path: Path = REPORT_JSON) -> list[dict]:
+    """The rows of a written report (`shapesbench.json`), as `run_report` returned them."""
+    return json.loads(Path(path).read_text())
+
+
+def report_seeds(results: list[dict]) -> int:
+    """Seeds per prompt of a report; every evaluated row of one report uses the same count."""
+    seeds = {r["seeds_per_prompt"] for r in results if not r.get("missing")}
+    if len(seeds) != 1:
+        raise ValueError(f"a report's rows must share one seed count but have {sorted(seeds)}")
+    return seeds.pop()
+
+
+def models_table(results: list[dict]) -> str:
+    """The README's table of shipped models: one row per evaluated step count of each model.
+
+    Model, family and what made it are written on a model's first row only; a model of the
+    report that is not installed reads "not installed".
+    """
+    seeds = report_seeds(results)
+    lines = [
+        "| model | family | made by | steps | UNet evals | adherence seen | adherence held-out | FD "
+        "| diversity | s/image |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    named: set[str] = set()
+    for r in results:
+        if r["row"]["section"] != "quality":
+            continue
+        model = r["row"]["model"]
+        first = model not in named
+        named.add(model)
+        head = f"| `{model}` | {r.get('family', '')} | {made_by(model)} " if first else "| | | "
+        if r.get("missing"):
+            lines.append(head + f"| {r['row']['steps']} | not installed | | | | | |")
+            continue
+        lines.append(
+            head + f"| {r['row']['steps']} | {r['unet_evals_per_image']} | {_f(r['adherence'])} "
+            f"| {_f(r['adherence_heldout'])} | {_f(r['fd'], 0)} | {_f(r['diversity'])} "
+            f"| {_f(r['seconds_per_image'], 4)} |"
+        )
+    lines += [
+        "",
+        f"ShapesBench on `shapesbench.jsonl`, {seeds} seeds a prompt, 2-core CPU: "
+        f"`{REPORT_COMMAND.format(seeds=seeds)}` wrote `training/reports/shapesbench.json`, and "
+        f"`{UPDATE_COMMAND} README.md` rendered this table from it.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def shapesbench_tables(results: list[dict]) -> str:
+    """The report's three tables (quality, NASA, hybrid), as `shapesbench.md` has them."""
+    return markdown(results, report_seeds(results))
+
+
+# Marker name -> what fills it. A file may hold any of these blocks.
+BLOCKS = {"models-table": models_table, "shapesbench-tables": shapesbench_tables}
+
+
+def fill_block(text: str, name: str, body: str) -> str:
+    """`text` with the lines between `<!-- name:start -->` and `<!-- name:end -->` replaced by `body`."""
+    pattern = re.compile(rf"(<!-- {re.escape(name)}:start -->\n)(.*?)(<!-- {re.escape(name)}:end -->)", re.DOTALL)
+    if not pattern.search(text):
+        raise ValueError(f"no `<!-- {name}:start -->` ... `<!-- {name}:end -->` block")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(3), text, count=1)
+
+
+def render_markdown(text: str, results: list[dict]) -> str:
+    """`text` with every known block it holds (see `BLOCKS`) filled from `results`."""
+    for name, render in BLOCKS.items():
+        if f"<!-- {name}:start -->" in text:
+            text = fill_block(text, name, render(results))
+    return text
+
+
+def update_markdown(path: Path, results: list[dict] | None = None, *, check: bool = False) -> bool:
+    """Fill the blocks of the markdown file at `path` from the report; True when it was stale.
+
+    With `check`, the file is left as it is (a caller fails on True).
+    """
+    path = Path(path)
+    text = path.read_text()
+    new = render_markdown(text, load_results() if results is None else results)
+    if new != text and not check:
+        path.write_text(new)
+    return new != text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flashstep.training.report --update FILE...` (or `--check FILE...`)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flashstep.training.report",
+        description="Write the checked-in ShapesBench report's tables into markdown files between marker comments.",
+    )
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--update", nargs="+", type=Path, metavar="FILE", help="fill the blocks of these files")
+    action.add_argument("--check", nargs="+", type=Path, metavar="FILE", help="exit 1 if any block is stale")
+    parser.add_argument("--report", type=Path, default=REPORT_JSON, help="shapesbench.json to render from")
+    args = parser.parse_args(argv)
+    results = load_results(args.report)
+    stale = [str(p) for p in (args.update or args.check) if update_markdown(p, results, check=bool(args.check))]
+    if stale:
+        print(("stale: " if args.check else "updated: ") + ", ".join(stale))
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
