@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from flashstep.models.errors import ModelNotFoundError
 from flashstep.server.dependencies import ManagerDep, require_admin
+from flashstep.server.errors import error_responses
 from flashstep.server.model_manager import LoadedModel
 from flashstep.server.schemas import (
     AdminModel,
@@ -22,7 +23,11 @@ from flashstep.server.schemas import (
     UnloadResponse,
 )
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+# Every admin route can refuse the token (401) or a body at the edge (400/408/413).
+router = APIRouter(
+    prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
+    responses=error_responses(400, 401, 408, 413),
+)  # fmt: skip
 
 
 def _describe(handle: LoadedModel, default: str | None) -> AdminModel:
@@ -59,7 +64,8 @@ async def list_models(manager: ManagerDep) -> AdminModelList:
 
 
 @router.post(
-    "/models", response_model=AdminModel, status_code=status.HTTP_201_CREATED, summary="Load a model from the models root"
+    "/models", response_model=AdminModel, status_code=status.HTTP_201_CREATED, summary="Load a model from the models root",
+    responses=error_responses(403, 404, 409, 503),
 )
 async def load_model(body: LoadModelRequest, manager: ManagerDep) -> AdminModel:
     """Load, warm and serve `path` (a folder under the models root) as `name`. 403 outside the root."""
@@ -72,21 +78,27 @@ async def load_model(body: LoadModelRequest, manager: ManagerDep) -> AdminModel:
     return await run_in_threadpool(load)
 
 
-@router.delete("/models/{name}", response_model=UnloadResponse, summary="Unload a model and free its memory")
+@router.delete(
+    "/models/{name}", response_model=UnloadResponse, summary="Unload a model and free its memory",
+    responses=error_responses(404, 409),
+)
 async def unload_model(name: str, manager: ManagerDep) -> UnloadResponse:
     """Stop serving `name` now; its memory is freed when its in-flight batches end."""
     await run_in_threadpool(manager.unload, name)
     return UnloadResponse(name=name, default=manager.default)
 
 
-@router.post("/models/{name}/swap", response_model=SwapResponse, summary="Hot-swap a model to a new folder")
+@router.post(
+    "/models/{name}/swap", response_model=SwapResponse, summary="Hot-swap a model to a new folder",
+    responses=error_responses(403, 404, 409, 503),
+)
 async def swap_model(name: str, body: SwapModelRequest, manager: ManagerDep) -> SwapResponse:
     """Load and warm `path`, switch `name` to it atomically, free the old engine after its batches."""
     old, new = await run_in_threadpool(manager.swap, name, body.path)
     return SwapResponse(name=name, old_version=old.version, new_version=new.version)
 
 
-@router.put("/default", response_model=AdminModelList, summary="Set the default model")
+@router.put("/default", response_model=AdminModelList, summary="Set the default model", responses=error_responses(404))
 async def set_default(body: SetDefaultRequest, manager: ManagerDep) -> AdminModelList:
     manager.set_default(body.model)
     return await list_models(manager)
