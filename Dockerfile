@@ -9,6 +9,8 @@
 # Settings come from FLASHSTEP_* variables (server/settings.py) or flags after `flashstep serve`.
 # On `docker stop` the server finishes in-flight requests (up to FLASHSTEP_GRACEFUL_SHUTDOWN_S,
 # default 60 s): give it that long, e.g. `docker stop -t 70`.
+# The server limits bodies (FLASHSTEP_MAX_BODY_BYTES, FLASHSTEP_BODY_READ_TIMEOUT_S), headers and idle
+# connections itself; a reverse proxy in front (TLS, rate limits) is welcome but not required.
 
 # The base image's torch (CUDA build) satisfies the project's `torch>=2.4`, so pip keeps it.
 ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime

@@ -62,6 +62,10 @@ class EngineProtocol(Protocol):
         """Bytes of weights and buffers the engine holds."""
         ...
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` by the model's tokenizer, without special tokens (OpenAI's `usage`)."""
+        ...
+
     def close(self) -> None:
         """Release the weights; the engine cannot generate afterwards."""
         ...

@@ -15,15 +15,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from flashstep.kernels.processors import install_attention_backend
+from flashstep.models.confinement import check_path_text, confine, confine_tree, resolved_roots
 from flashstep.models.denoiser import Conditioning, Denoiser
 from flashstep.models.diffusers_compat import to_flashstep_convention
-from flashstep.models.errors import CheckpointError, InvalidRequestError, ModelNotFoundError
+from flashstep.models.errors import (
+    CheckpointError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NonFiniteOutputError,
+)
 from flashstep.models.families import FAMILY_SPECS, bind_sampler, family_timesteps
 from flashstep.models.flashstep_config import CONFIG_NAME, FlashstepConfig
 from flashstep.models.hybrid import base_first_step
@@ -44,8 +51,8 @@ from flashstep.models.loading import (
 from flashstep.models.lora import fuse_lora, read_lora
 from flashstep.models.nasa import install_nasa_processors
 from flashstep.models.outputs import GenerationRequest, GenerationResult, StageTimings
-from flashstep.models.prompts import PromptEncoder
-from flashstep.models.registry import resolve
+from flashstep.models.prompts import DEFAULT_EMBEDDING_CACHE_BYTES, PromptEncoder
+from flashstep.models.registry import allowed_roots, is_bare_name, resolve
 from flashstep.models.schedule import NoiseSchedule, cpu_generators, randn_per_sample
 from flashstep.models.validation import ModelLimits, validate_request
 
@@ -100,7 +107,8 @@ class Engine:
         models_root: str | Path | None = None,
         sampler: str | None = None,
         attention_backend: str | None = None,
-        prompt_cache_size: int = 1024,
+        prompt_cache_bytes: int = DEFAULT_EMBEDDING_CACHE_BYTES,
+        confine_to: Sequence[str | Path] | None = None,
     ) -> Engine:
         """Load a servable folder (diffusers layout + flashstep.json).
 
@@ -109,11 +117,20 @@ class Engine:
         models_root: where `config.base` names are looked up (besides the shipped models).
         sampler: one of the family's samplers (teacher: dpmpp_2m | ddim; hypersd: tcd | ddim).
         attention_backend: kernels backend for the UNet's attention (default: kernels' active one).
+        prompt_cache_bytes: budget of the prompt-embedding cache (keys and tensors).
+        confine_to: folders everything read must resolve inside (the server passes the models root
+            and the shipped folder): the folder, its `base` and `lora`, every symlink in them
+            (models/confinement.py). None (the library and the CLI) reads any folder named.
         """
+        roots = None if confine_to is None else resolved_roots(confine_to)
         path = Path(path)
+        if roots is not None:
+            path = confine(path, roots, "checkpoint folder")
         if not path.is_dir():
             raise CheckpointError(f"checkpoint folder {path} does not exist or is not a folder")
         refuse_pickles(path)
+        if roots is not None:
+            confine_tree(path, roots)
         config = check_config(load_config(path, family))
         self = object.__new__(cls)
         self.name = name or path.name
@@ -126,11 +143,16 @@ class Engine:
         self.attention_backend = attention_backend
         self._lock = threading.Lock()
         self._base: Engine | None = None
+        self.confine_to = roots
         self.base_path, self._base_error = self._find_base()
         if config.lora is not None and self.base_path is None and not (path / "unet").is_dir():
             raise CheckpointError(f"LoRA checkpoint {path} needs its base {config.base!r}: {self._base_error}")
+        if config.lora is not None:
+            self._lora_path()  # refused before any weights are read, not after
+            if self.base_path is not None:
+                confine_tree(self.base_path, roots)  # the pieces a LoRA checkpoint borrows are read from there
         self.sampler_name, self.sampler = bind_sampler(config, sampler)
-        self._load_modules(prompt_cache_size)
+        self._load_modules(prompt_cache_bytes)
         self.max_prompt_tokens = self.prompts.max_tokens
         logger.info(
             "engine loaded: name=%s version=%s family=%s sampler=%s device=%s dtype=%s sdxl=%s",
@@ -143,18 +165,32 @@ class Engine:
         base = self.config.base
         if base is None:
             return None, f"{self.name} names no `base` model"
+        restricted = self.confine_to is not None
+        if restricted:
+            try:
+                check_path_text(base, "base")
+            except InvalidRequestError as exc:
+                raise CheckpointError(f"{self.path / CONFIG_NAME}: {exc}") from exc
         candidate = Path(base).expanduser()
         if not candidate.is_absolute():
             candidate = self.path / candidate
+        if restricted and (candidate.is_dir() or not is_bare_name(base)):
+            # A path must stay inside whether or not it exists; resolving it names the real folder.
+            candidate = confine(candidate, self.confine_to, f"{CONFIG_NAME} `base`")
+            if not candidate.is_dir():
+                return None, f"base folder {base!r} of {self.name} does not exist"
         if candidate.is_dir():
             return candidate, None
         try:
-            return resolve(base, self.models_root), None
+            found = resolve(base, self.models_root, restrict_to_root=restricted, field="base")
+            if restricted:
+                found = confine(found, self.confine_to, f"{CONFIG_NAME} `base`")
+            return found, None
         except ModelNotFoundError as exc:
             logger.warning("base model not found: model=%s base=%s error=%s", self.name, base, exc)
             return None, str(exc)
 
-    def _load_modules(self, prompt_cache_size: int) -> None:
+    def _load_modules(self, prompt_cache_bytes: int) -> None:
         from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 
         # 1. Which pieces, from where: a LoRA checkpoint borrows what it lacks from its base.
@@ -194,7 +230,7 @@ class Engine:
             targets = {"unet": self.unet, "text_encoder": encoders[0]}
             if self.sdxl:
                 targets["text_encoder_2"] = encoders[1]
-            fused = fuse_lora(targets, read_lora(self.path / self.config.lora), self.config.lora_scale)
+            fused = fuse_lora(targets, read_lora(self._lora_path()), self.config.lora_scale)
             logger.info("lora fused: model=%s file=%s layers=%d scale=%s", self.name, self.config.lora, fused, self.config.lora_scale)
 
         # 4. Device, eval mode, attention processors: NASA on cross-attention, kernels on the rest.
@@ -205,7 +241,7 @@ class Engine:
         install_nasa_processors(self.unet, self.attention_backend)
         install_attention_backend(self.unet, self.attention_backend)
 
-        self.prompts = PromptEncoder(tokenizers, encoders, sdxl=self.sdxl, device=self.device, cache_size=prompt_cache_size)
+        self.prompts = PromptEncoder(tokenizers, encoders, sdxl=self.sdxl, device=self.device, cache_bytes=prompt_cache_bytes)
         self.schedule = NoiseSchedule.from_config(
             read_json(pieces["scheduler"] / "scheduler_config.json", "`scheduler/scheduler_config.json`")
         )
@@ -213,9 +249,16 @@ class Engine:
         self.latent_channels = int(self.unet.config.in_channels)
         files = weight_files([pieces[p] for p in names if p in ("unet", "vae", "text_encoder", "text_encoder_2", "vae_tiny")])
         if self.config.lora is not None:
-            files.append(self.path / self.config.lora)
+            files.append(self._lora_path())
         self.version = f"{self.name}@{fingerprint(files, self.config)}"
         self._base_guidance = self._read_base_guidance()
+
+    def _lora_path(self) -> Path:
+        """`flashstep.json`'s `lora` file, inside the folders allowed when confined."""
+        path = self.path / self.config.lora  # an absolute `lora` replaces the folder
+        if self.confine_to is not None:
+            return confine(path, self.confine_to, f"{CONFIG_NAME} `lora`")
+        return path
 
     def _modules(self) -> list[torch.nn.Module]:
         if getattr(self, "unet", None) is None:
@@ -242,6 +285,7 @@ class Engine:
                 base = Engine.load(
                     self.base_path, family=family, device=self.device, dtype=self.dtype,
                     models_root=self.models_root, attention_backend=self.attention_backend,
+                    confine_to=self.confine_to,
                 )  # fmt: skip
                 if base.config.prediction not in ("epsilon", "v_prediction") or base.sdxl != self.sdxl or (
                     base.latent_channels != self.latent_channels
@@ -317,13 +361,24 @@ class Engine:
             self._sync()
             denoised = time.perf_counter()
 
-            # 3. Decode.
-            images = self._decode(latents, tiny=first.tiny_decoder)
+            # 3. Decode, and check every image is finite: a NaN would otherwise become a black PNG.
+            finite = torch.isfinite(latents).flatten(1).all(dim=1)  # (B,)
+            images, decoded_finite = self._decode(latents, tiny=first.tiny_decoder)
+            finite = (finite & decoded_finite).tolist()
             decoded = time.perf_counter()
         timings = StageTimings(encode=encoded - start, denoise=denoised - encoded, decode=decoded - denoised)
-        return GenerationResult(
+        result = GenerationResult(
             images=images, timings=timings, unet_evals=evals, batch_size=len(reqs), model_version=self.version
         )
+        bad = [i for i, ok in enumerate(finite) if not ok]
+        if bad:
+            logger.warning("non-finite output: model=%s batch=%d indices=%s", self.name, len(reqs), bad)
+            raise NonFiniteOutputError(
+                f"{self.name} produced non-finite (NaN or Inf) values for {len(bad)} of {len(reqs)} images",
+                indices=bad,
+                result=result,
+            )
+        return result
 
     def _conditioning(self, reqs: list[GenerationRequest], *, cfg: bool) -> Conditioning:
         prompts = self.prompts.encode([r.prompt for r in reqs])
@@ -377,7 +432,8 @@ class Engine:
         x = self.sampler(model, x, timesteps[1:], self.schedule, generators)
         return x, base_model.evals + model.evals
 
-    def _decode(self, latents: torch.Tensor, *, tiny: bool) -> list[Image.Image]:
+    def _decode(self, latents: torch.Tensor, *, tiny: bool) -> tuple[list[Image.Image], torch.Tensor]:
+        """Images of `latents` (B, C, h, w), and which of them decoded to finite pixels (B,) bool."""
         if tiny:
             vae = self.vae_tiny
             z = latents / vae.config.scaling_factor  # TAESD reads SD's scaled latents (factor 1.0)
@@ -388,9 +444,10 @@ class Engine:
                 z = z + vae.config.shift_factor
         dtype = next(vae.parameters()).dtype  # not `vae.dtype`, which walks every parameter per call
         pixels = vae.decode(z.to(dtype)).sample  # (B, 3, H, W) in [-1, 1]
+        finite = torch.isfinite(pixels).flatten(1).all(dim=1)  # (B,): clamp would turn NaN into black
         pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
-        return [Image.fromarray(a) for a in arrays]
+        return [Image.fromarray(a) for a in arrays], finite
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -402,6 +459,10 @@ class Engine:
         """One small generate (fewest steps) so kernels, allocator and prompt cache are ready."""
         steps = min(self.config.allowed_steps)
         self.generate([GenerationRequest(prompt="warmup", seed=0, num_inference_steps=steps)])
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` without start/end tokens (the longest over the tokenizers); counts are cached."""
+        return self.prompts.count_tokens(text)
 
     def memory_bytes(self) -> int:
         """Bytes of parameters and buffers of the modules this engine holds (and its hybrid base, once loaded)."""
@@ -435,8 +496,11 @@ class Engine:
 def load_engine(name_or_path: str, models_root: Path | None = None, *, restrict_to_root: bool = False, **kwargs) -> Engine:
     """`Engine.load` on the folder `registry.resolve` finds, named after the model name (or the folder).
 
-    restrict_to_root: for untrusted input, as in `registry.resolve`. Other keyword arguments go to `Engine.load`.
+    restrict_to_root: for untrusted input, as in `registry.resolve`; the engine is then confined to the
+    models root and the shipped folder (`Engine.load`'s `confine_to`). Other keyword arguments go to `Engine.load`.
     """
     folder = resolve(name_or_path, models_root, restrict_to_root=restrict_to_root)
     kwargs.setdefault("name", folder.name)
+    if restrict_to_root:
+        kwargs.setdefault("confine_to", allowed_roots(models_root))
     return Engine.load(folder, models_root=models_root, **kwargs)

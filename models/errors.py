@@ -6,6 +6,8 @@ Every message names the field or the piece at fault and what would be accepted, 
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FlashstepError(Exception):
     """Base of every error flashstep raises on purpose."""
@@ -33,3 +35,17 @@ class ModelNotFoundError(FlashstepError, LookupError):
 
 class ForbiddenPathError(FlashstepError, PermissionError):
     """A checkpoint path lies outside the allowed models root (HTTP 403)."""
+
+
+class NonFiniteOutputError(FlashstepError):
+    """Generation produced NaN or Inf for some images of a batch (HTTP 500 for those requests only).
+
+    indices: positions in the batch whose latents or pixels were not finite.
+    result: the whole batch's `GenerationResult`; the images at other positions are good, so a
+        caller can serve those without running them again.
+    """
+
+    def __init__(self, message: str, *, indices: list[int], result: Any = None):
+        super().__init__(message)
+        self.indices = list(indices)
+        self.result = result

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from flashstep.models.confinement import CONVERT_HINT, PICKLE_SUFFIXES, confine_tree
 from flashstep.models.errors import CheckpointError, UnknownFamilyError
 from flashstep.models.families import FAMILY_SPECS, FLOW_FAMILIES
 from flashstep.models.flashstep_config import CONFIG_NAME, FLOW_PREDICTIONS, FlashstepConfig
@@ -31,13 +32,25 @@ PIECES = {
     "vae_tiny": "the tiny decoder (AutoencoderTiny)",
 }
 WEIGHT_PIECES = ("unet", "vae", "text_encoder", "text_encoder_2", "vae_tiny")
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-CONVERT_HINT = (
-    "flashstep loads safetensors only and never unpickles weights; convert once in a trusted "
-    "environment, e.g. `DiffusionPipeline.from_pretrained(folder, use_safetensors=False)"
-    ".save_pretrained(folder, safe_serialization=True)` (or `safetensors.torch.save_file` on the "
-    "loaded state dict), then remove the pickled file"
-)
+# Classes `model_index.json` may name, per library: the ones the engine knows how to load, plus
+# the pieces of public pipelines it never opens (safety checker, feature extractor), so those
+# checkpoints still load. Anything else is refused before any module is built: a class name is
+# an import the checkpoint would choose.
+SCHEDULER_CLASSES = frozenset({
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler", "LCMScheduler", "TCDScheduler", "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+})  # fmt: skip
+ALLOWED_CLASSES = {
+    "diffusers": frozenset({"UNet2DConditionModel", "AutoencoderKL", "AutoencoderTiny"}) | SCHEDULER_CLASSES,
+    "transformers": frozenset({
+        "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer", "CLIPTokenizerFast",
+        "CLIPImageProcessor", "CLIPFeatureExtractor", "CLIPVisionModelWithProjection",
+    }),  # fmt: skip
+    "stable_diffusion": frozenset({"StableDiffusionSafetyChecker"}),
+}
 
 
 # ----- device and dtype -----
@@ -77,8 +90,29 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def read_model_index(folder: Path) -> dict:
-    """`model_index.json`: which class each piece of the diffusers pipeline is."""
-    return read_json(folder / "model_index.json", "`model_index.json` (the diffusers pipeline index)")
+    """`model_index.json`: which class each piece of the diffusers pipeline is, from `ALLOWED_CLASSES` only."""
+    return check_model_index(read_json(folder / "model_index.json", "`model_index.json` (the diffusers pipeline index)"))
+
+
+def check_model_index(model_index: dict) -> dict:
+    """`model_index` unchanged when every piece names an allowed class, else CheckpointError naming it."""
+    if not isinstance(model_index, dict):
+        raise CheckpointError("`model_index.json` must hold a JSON object")
+    for piece, entry in model_index.items():
+        if piece.startswith("_") or not isinstance(entry, list):
+            continue  # `_class_name`, `_diffusers_version`, flags such as `requires_safety_checker`
+        if len(entry) != 2:
+            raise CheckpointError(f"`model_index.json` entry `{piece}` must be [library, class] but is {entry!r}")
+        library, class_name = entry
+        if library is None and class_name is None:
+            continue  # a piece the pipeline does without
+        if class_name not in ALLOWED_CLASSES.get(library, ()):
+            allowed = sorted(f"{lib}.{cls}" for lib, classes in ALLOWED_CLASSES.items() for cls in classes)
+            raise CheckpointError(
+                f"`model_index.json` entry `{piece}` names class {library}.{class_name}, which flashstep does not "
+                f"load; allowed classes are {allowed}"
+            )
+    return model_index
 
 
 def is_sdxl(model_index: dict) -> bool:
@@ -129,10 +163,12 @@ def check_pieces(folder: Path, pieces: list[str], fallback: Path | None = None) 
 
 
 def refuse_pickles(folder: Path) -> None:
-    """Refuse a folder that carries a pickled full checkpoint and no diffusers pieces to load instead."""
-    for path in folder.iterdir():
-        if path.suffix in (".ckpt", ".pt", ".pth", ".pkl") and not (folder / "unet").is_dir():
-            raise CheckpointError(f"{path} is a pickled checkpoint: {CONVERT_HINT}")
+    """Refuse a folder with a pickled file anywhere in it (tokenizer folders included).
+
+    Nothing pickled is ever unpickled, but a pickle beside safetensors is one `use_safetensors`
+    flag away from running code, so such a folder is refused whole.
+    """
+    confine_tree(folder, None)
 
 
 # ----- flashstep.json -----

@@ -1,20 +1,36 @@
-"""Prompt encoding for SD1.x- and SDXL-class checkpoints, behind a bounded, thread-safe LRU cache.
+"""Prompt encoding for SD1.x- and SDXL-class checkpoints, behind byte-bounded, thread-safe LRU caches.
 
 SD1.x: the CLIP text encoder's last hidden state (B, L, C). SDXL: the penultimate hidden states
 of both text encoders concatenated (B, L, C1 + C2), plus text_encoder_2's pooled projection
 (B, P) for the UNet's added conditioning, as `StableDiffusionXLPipeline.encode_prompt` does.
 Prompts are padded to the tokenizer's `model_max_length` and never truncated: a prompt longer
 than `max_tokens` is refused by the engine before it gets here.
+
+Both caches (embeddings, token counts) are bounded by bytes, not entries: request text is client
+input, so an entry bound lets a few large prompts pin unbounded memory. A prompt whose token count
+is over the limit is never cached, and no entry larger than a fraction of its cache's budget is kept.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
+
+DEFAULT_EMBEDDING_CACHE_BYTES = 64 * 2**20
+DEFAULT_TOKEN_COUNT_CACHE_BYTES = 4 * 2**20
+# An entry larger than budget / MAX_ENTRY_SHARE is not kept: one huge prompt must not flush
+# the hundreds of ordinary ones that make the cache worth having.
+MAX_ENTRY_SHARE = 16
+# Bookkeeping per entry beyond key and value (OrderedDict node, dataclass, tensor object headers).
+ENTRY_OVERHEAD_BYTES = 256
+
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -25,22 +41,93 @@ class PromptEmbedding:
     pooled: torch.Tensor | None = None  # (P,) SDXL only
 
 
+def text_bytes(text: str) -> int:
+    """Memory a str key holds (CPython's compact layout: 1, 2 or 4 bytes per character)."""
+    return sys.getsizeof(text)
+
+
+def embedding_bytes(text: str, embedding: PromptEmbedding) -> int:
+    """What caching `embedding` under `text` costs: key, tensors (on whichever device) and bookkeeping."""
+    tensors = [embedding.hidden] if embedding.pooled is None else [embedding.hidden, embedding.pooled]
+    return text_bytes(text) + sum(t.numel() * t.element_size() for t in tensors) + ENTRY_OVERHEAD_BYTES
+
+
+class ByteBoundedLRU(Generic[V]):
+    """Least-recently-used map bounded to `max_bytes` in total, as `size(key, value)` reckons it.
+
+    A value bigger than `max_bytes / MAX_ENTRY_SHARE` is not stored (`put` returns False).
+    Not locked: the owner holds its own lock.
+    """
+
+    def __init__(self, max_bytes: int, size: Callable[[Hashable, V], int], *, name: str) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"`{name}` must be >= 1 byte but is {max_bytes}")
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_bytes // MAX_ENTRY_SHARE
+        self._size = size
+        self._entries: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, key: Hashable) -> V | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        self._entries.move_to_end(key)
+        return found[0]
+
+    def put(self, key: Hashable, value: V) -> bool:
+        """Store `value` (evicting the least recently used); False when it is too large to keep."""
+        nbytes = self._size(key, value)
+        if nbytes > self.max_entry_bytes:
+            self.pop(key)
+            return False
+        self.pop(key)
+        self._entries[key] = (value, nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.nbytes -= evicted
+        return True
+
+    def pop(self, key: Hashable) -> None:
+        found = self._entries.pop(key, None)
+        if found is not None:
+            self.nbytes -= found[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+
 class PromptCache:
-    """Least-recently-used map text -> PromptEmbedding, bounded to `capacity` entries.
+    """Least-recently-used map text -> PromptEmbedding, bounded to `max_bytes` (keys and tensors).
 
     The empty prompt (CFG's unconditional input) is pinned: it never counts against the bound
     and is never evicted.
     """
 
-    def __init__(self, capacity: int = 1024) -> None:
-        if capacity < 1:
-            raise ValueError(f"`capacity` must be >= 1 but is {capacity}")
-        self.capacity = capacity
-        self._entries: OrderedDict[str, PromptEmbedding] = OrderedDict()
+    def __init__(self, max_bytes: int = DEFAULT_EMBEDDING_CACHE_BYTES) -> None:
+        self._entries: ByteBoundedLRU[PromptEmbedding] = ByteBoundedLRU(max_bytes, embedding_bytes, name="max_bytes")
         self._pinned: dict[str, PromptEmbedding] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+
+    @property
+    def max_bytes(self) -> int:
+        return self._entries.max_bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the unpinned entries take, as `embedding_bytes` reckons them (<= `max_bytes`)."""
+        with self._lock:
+            return self._entries.nbytes
 
     def get(self, text: str) -> PromptEmbedding | None:
         with self._lock:
@@ -51,7 +138,6 @@ class PromptCache:
             if entry is None:
                 self.misses += 1
                 return None
-            self._entries.move_to_end(text)
             self.hits += 1
             return entry
 
@@ -60,10 +146,7 @@ class PromptCache:
             if text == "":
                 self._pinned[text] = embedding
                 return
-            self._entries[text] = embedding
-            self._entries.move_to_end(text)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            self._entries.put(text, embedding)
 
     def __len__(self) -> int:
         with self._lock:
@@ -92,18 +175,21 @@ class PromptEncoder:
         *,
         sdxl: bool,
         device: torch.device,
-        cache_size: int = 1024,
+        cache_bytes: int = DEFAULT_EMBEDDING_CACHE_BYTES,
+        token_cache_bytes: int = DEFAULT_TOKEN_COUNT_CACHE_BYTES,
     ) -> None:
         self.tokenizers = list(tokenizers)
         self.text_encoders = list(text_encoders)
         self.sdxl = sdxl
         self.device = device
-        self.cache = PromptCache(cache_size)
+        self.cache = PromptCache(cache_bytes)
         # Token counts, LRU-bounded like the cache: a served prompt is counted when the request is
         # validated, again when its batch is built and again in `Engine.generate`; tokenizing it
         # each time cost a batch about 5% of its time (py-spy, batch 8, one-step model).
-        self._counts: OrderedDict[str, int] = OrderedDict()
-        self._counts_capacity = cache_size
+        # Only prompts within `max_tokens` are kept: a refused prompt is never seen again.
+        self.token_counts: ByteBoundedLRU[int] = ByteBoundedLRU(
+            token_cache_bytes, lambda text, n: text_bytes(text) + ENTRY_OVERHEAD_BYTES, name="token_cache_bytes"
+        )
         # Fast tokenizers reconfigure padding/truncation per call and are not safe across threads.
         self._tokenizer_lock = threading.Lock()
         # Tokens a prompt may use besides the start and end tokens.
@@ -112,14 +198,11 @@ class PromptEncoder:
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` without the start/end tokens (the longest count over the tokenizers)."""
         with self._tokenizer_lock:
-            n = self._counts.get(text)
+            n = self.token_counts.get(text)
             if n is None:
                 n = max(len(tok(text, add_special_tokens=False).input_ids) for tok in self.tokenizers)
-                self._counts[text] = n
-                if len(self._counts) > self._counts_capacity:
-                    self._counts.popitem(last=False)
-            else:
-                self._counts.move_to_end(text)
+                if n <= self.max_tokens:
+                    self.token_counts.put(text, n)
             return n
 
     def encode(self, texts: Sequence[str]) -> list[PromptEmbedding]:

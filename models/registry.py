@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flashstep.models.confinement import check_path_text, is_inside, resolved_roots
 from flashstep.models.errors import ForbiddenPathError, ModelNotFoundError
 from flashstep.models.flashstep_config import CONFIG_NAME
 
@@ -41,7 +42,7 @@ def _looks_like_path(text: str) -> bool:
     return "/" in text or "\\" in text or text.startswith((".", "~"))
 
 
-def _is_bare_name(text: str) -> bool:
+def is_bare_name(text: str) -> bool:
     """No path separator: a model name, never a path (even ".", ".." or "~")."""
     return "/" not in text and "\\" not in text
 
@@ -50,31 +51,44 @@ def _not_found(name_or_path: str, known: dict[str, Path]) -> ModelNotFoundError:
     return ModelNotFoundError(f"no model named {name_or_path!r}; known models are {sorted(known)}")
 
 
-def resolve(name_or_path: str, models_root: Path | None = None, *, restrict_to_root: bool = False) -> Path:
+def allowed_roots(models_root: str | Path | None) -> list[Path]:
+    """The folders a restricted load may read from: the shipped models and `models_root`, resolved."""
+    return resolved_roots([SHIPPED_MODELS_DIR, *([models_root] if models_root is not None else [])])
+
+
+def resolve(
+    name_or_path: str, models_root: Path | None = None, *, restrict_to_root: bool = False, field: str = "path"
+) -> Path:
     """The folder of a model name (see `discover`) or of a path to a model folder.
 
     restrict_to_root: for untrusted input (the server). A bare name (no path separator) is only
     looked up among the known models, never in the working directory. A path must lie, once
     `..` and symlinks are resolved, inside `models_root` or the shipped models folder, else
     ForbiddenPathError (checked before the path's existence, so nothing about it leaks); the
-    resolved folder is returned, so what was checked is what gets loaded.
+    resolved folder is returned, so what was checked is what gets loaded. A string no file
+    system could take (empty, NUL, control characters, a component over NAME_MAX) is an
+    InvalidRequestError naming `field` rather than an OSError from deep inside `stat`.
     Raises ModelNotFoundError listing the known names when nothing matches.
     """
     known = discover(models_root)
     if restrict_to_root:
-        if _is_bare_name(name_or_path):
+        # The string first: NUL or an over-long component would fail inside os.stat otherwise.
+        # An empty name stays a lookup miss, which lists the known models.
+        if name_or_path:
+            check_path_text(name_or_path, field)
+        if is_bare_name(name_or_path):
             if name_or_path in known:
                 return known[name_or_path]
             raise _not_found(name_or_path, known)
         try:
-            path = Path(name_or_path).expanduser().resolve()
-        except RuntimeError:  # "~user/..." of an unknown user, or a symlink loop: not provably inside
+            path = Path(name_or_path).expanduser()
+        except RuntimeError:  # "~user/..." of an unknown user: not provably inside
             path = None
-        allowed = [SHIPPED_MODELS_DIR.resolve()] + ([Path(models_root).resolve()] if models_root is not None else [])
-        if path is None or not any(path.is_relative_to(root) for root in allowed):
+        if path is None or not is_inside(path, allowed_roots(models_root)):
             raise ForbiddenPathError(
                 f"`model` path {name_or_path!r} lies outside the models root {models_root} and the shipped models"
             )
+        path = path.resolve()
         if _is_model(path):
             return path
         raise _not_found(name_or_path, known)

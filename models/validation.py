@@ -29,6 +29,15 @@ MAX_SEED = 2**32 - 1
 # Characters, checked before tokenizing so an oversized body costs no tokenizer time; the
 # per-model token limit (`ModelLimits.max_prompt_tokens`) is the binding one.
 MAX_PROMPT_CHARS = 32_000
+# Names of models as clients send them (folder names, OpenAI model ids); loaded names are shorter.
+MAX_MODEL_NAME_CHARS = 128
+# End-user ids (OpenAI's `user`, `safety_identifier`): hashes or short handles, never documents.
+MAX_USER_CHARS = 256
+# WIDTHxHEIGHT with up to five digits a side, or 'auto'.
+MAX_SIZE_CHARS = 11
+# Any other string a request may carry (enumerated options such as `quality`); refused past this
+# before pydantic compares or echoes it.
+MAX_OPTION_CHARS = 32
 # Far beyond any useful CFG scale (SD's usual range is 1-15): larger values only saturate images.
 MAX_GUIDANCE = 30.0
 MIN_NASA_ALPHA, MAX_NASA_ALPHA = 0.0, 1.0

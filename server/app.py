@@ -21,12 +21,14 @@ from starlette.concurrency import run_in_threadpool
 
 import flashstep
 from flashstep.server.batcher import Batcher
+from flashstep.server.edge import BodyLimitMiddleware
 from flashstep.server.errors import ErrorBoundaryMiddleware, install_error_handlers
 from flashstep.server.generation import GenerationService
-from flashstep.server.image_store import ImageStore
+from flashstep.server.image_store import open_image_store
 from flashstep.server.lifecycle import Lifecycle, Phase
 from flashstep.server.metrics import Metrics
 from flashstep.server.model_manager import EngineLoader, ModelManager, registry_loader
+from flashstep.server.request_origin import RequestOrigin
 from flashstep.server.routes import admin, generate, health, images, playground
 from flashstep.server.settings import Settings
 
@@ -120,10 +122,23 @@ def create_app(settings: Settings, *, engine_loader: EngineLoader | None = None)
     app.state.lifecycle = lifecycle
     app.state.manager = manager
     app.state.batcher = batcher
-    app.state.image_store = ImageStore(settings.image_store_size, settings.image_ttl_s)
+    app.state.image_store = open_image_store(
+        max_bytes=settings.image_store_bytes,
+        client_share=settings.image_store_client_share,
+        ttl_s=settings.image_ttl_s,
+        folder=settings.image_store_dir,
+    )
+    app.state.origin = RequestOrigin(settings.public_url, settings.trusted_proxies)
     app.state.generation = GenerationService(manager, batcher, lifecycle, settings.request_timeout_s)
 
     install_error_handlers(app)
+    # Added first, so it runs inside the boundary: its 413/408/400 answers carry the request id.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_read_timeout_s=settings.body_read_timeout_s,
+        metrics=metrics,
+    )
     app.add_middleware(ErrorBoundaryMiddleware, metrics=metrics)
     app.include_router(images.router)
     app.include_router(generate.router)

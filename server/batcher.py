@@ -8,30 +8,75 @@ own seed; the engine's batch invariance makes an image independent of its batch-
 
 The queue is bounded (`queue_limit` images): `submit` past it raises QueueFullError (429). A
 request whose future was cancelled (client gone, timeout) is dropped before its batch runs;
-one whose deadline passed fails with RequestTimeoutError. An engine error fails only the
-requests of its batch. GPU/CPU work never touches the event loop: callers await the futures.
+one whose deadline passed fails with RequestTimeoutError. GPU/CPU work never touches the event
+loop: callers await the futures.
+
+Faults stay with the request that caused them:
+
+- an `engine.generate` that raises is retried on each half of its batch, down to single
+  requests, so only the request that fails alone fails (EngineFailure 500, or the engine's
+  own 4xx for a request error); out of memory frees the device cache first and answers
+  503 + Retry-After for a request that does not fit even alone;
+- an image with NaN or Inf values fails its request (NonFiniteOutputFailure 500) and the rest
+  of the batch is served from the same call;
+- a request keeps its engine open from admission (`ModelManager.admit`): after an unload it
+  still runs on that engine, while new requests for the name get 404;
+- a device worker thread that dies from a bug of the batcher is restarted (at once by the next
+  submit, else after `worker_restart_delay_s`) and counted; /readyz is 503 while it is dead.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Hashable
 from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from PIL import Image
 
-from flashstep.models.errors import FlashstepError, InvalidRequestError
-from flashstep.models.outputs import GenerationRequest, StageTimings
-from flashstep.server.errors import EngineFailure, QueueFullError, RequestTimeoutError, ShuttingDownError
+from flashstep.models.errors import (
+    FlashstepError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NonFiniteOutputError,
+)
+from flashstep.models.outputs import GenerationRequest, GenerationResult, StageTimings
+from flashstep.server.errors import (
+    EngineFailure,
+    NonFiniteOutputFailure,
+    OutOfMemoryFailure,
+    QueueFullError,
+    RequestTimeoutError,
+    ShuttingDownError,
+)
 from flashstep.server.metrics import Metrics
 from flashstep.server.model_manager import LoadedModel, ModelManager
 
 logger = logging.getLogger("flashstep.server")
+
+# A worker that keeps dying is restarted at most this often when no request arrives to restart it.
+WORKER_RESTART_DELAY_S = 1.0
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for torch's CUDA OOM, or any error whose message says the device ran out of memory."""
+    torch = sys.modules.get("torch")  # no import: an OOM can only come from a torch already loaded
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return "out of memory" in str(exc).lower()
+
+
+def empty_device_cache() -> None:
+    """Hand cached, unused device memory back after an OOM, so a smaller retry can fit."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -62,6 +107,7 @@ class WorkItem:
     serial: int
     key: Hashable
     deadline: float
+    admitted: LoadedModel | None = None  # the engine it was queued for; runs there after an unload
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
     # Set by the worker on arrival: waiting `max_wait_ms` for batch-mates would only add latency.
@@ -79,7 +125,16 @@ class _DeviceWorker:
         self._stopping = False
         self._running = False  # a batch is on the device now
         self._last_arrival = -math.inf
-        self.thread = threading.Thread(target=self._run, name=f"flashstep-batcher-{device}", daemon=True)
+        self.restarts = 0
+        self.thread = self._new_thread()
+
+    def _new_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._run, name=f"flashstep-batcher-{self.device}", daemon=True)
+
+    @property
+    def dead(self) -> bool:
+        """The thread was started and has ended though nobody asked it to stop."""
+        return self.thread.ident is not None and not self.thread.is_alive() and not self._stopping
 
     def put(self, items: list[WorkItem]) -> None:
         """Queue items. Two arrivals skip the fill wait, because waiting cannot help them:
@@ -133,6 +188,17 @@ class _DeviceWorker:
             self._running = False
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            # A bug outside any one batch (taking work, bookkeeping): this thread ends; what is
+            # still queued waits for the restart (Batcher._revive), which keeps the queue.
+            logger.exception("device worker died: device=%s", self.device)
+            with self._cond:
+                self._running = False
+            self._batcher._worker_died(self)
+
+    def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
             try:
                 self._batcher._execute(batch)
@@ -157,12 +223,14 @@ class Batcher:
         max_batch_size: int,
         max_wait_ms: float,
         queue_limit: int,
+        worker_restart_delay_s: float = WORKER_RESTART_DELAY_S,
     ):
         self.manager = manager
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.queue_limit = queue_limit
+        self.worker_restart_delay_s = worker_restart_delay_s
         self._workers: dict[str, _DeviceWorker] = {}
         self._lock = threading.Lock()  # guards _workers, _pending, _stopping, _batch_seconds
         self._pending = 0
@@ -186,7 +254,7 @@ class Batcher:
         engine = handle.engine
         deadline = time.monotonic() + timeout_s
         items = [
-            WorkItem(handle.name, raw, req, handle.serial, engine.batch_key(req), deadline)
+            WorkItem(handle.name, raw, req, handle.serial, engine.batch_key(req), deadline, admitted=handle)
             for raw, req in zip(raws, requests, strict=True)
         ]
         if len(items) > self.queue_limit:  # could never fit: retrying would not help
@@ -209,8 +277,39 @@ class Batcher:
             if worker is None:
                 worker = self._workers[device] = _DeviceWorker(device, self)
                 worker.thread.start()
+            elif worker.dead:
+                self._revive_locked(worker)
+            # Admitted: the engine stays open until each of these is done, even if unloaded meanwhile.
+            self.manager.admit(handle, len(items))
+        for item in items:
+            item.future.add_done_callback(lambda _, h=handle: self.manager.discharge(h))
         worker.put(items)
         return [item.future for item in items]
+
+    def dead_workers(self) -> list[str]:
+        """Devices whose worker thread died and was not restarted yet (for /readyz)."""
+        with self._lock:
+            return [device for device, worker in self._workers.items() if worker.dead]
+
+    def _worker_died(self, worker: _DeviceWorker) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+        timer = threading.Timer(self.worker_restart_delay_s, self._revive, args=(worker,))
+        timer.daemon = True
+        timer.start()
+
+    def _revive(self, worker: _DeviceWorker) -> None:
+        with self._lock:
+            if worker.dead and not self._stopping:
+                self._revive_locked(worker)
+
+    def _revive_locked(self, worker: _DeviceWorker) -> None:
+        worker.restarts += 1
+        worker.thread = worker._new_thread()
+        worker.thread.start()
+        self.metrics.worker_restarts.labels(worker.device).inc()
+        logger.warning("device worker restarted: device=%s restarts=%d", worker.device, worker.restarts)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new work, run what is queued, and join the workers."""
@@ -232,6 +331,10 @@ class Batcher:
             self._pending -= n
             self.metrics.queue_depth.set(self._pending)
 
+    def _retry_after(self) -> int:
+        with self._lock:
+            return self._retry_after_locked()
+
     def _retry_after_locked(self) -> int:
         batches_ahead = math.ceil(self._pending / self.max_batch_size)
         return max(1, math.ceil(batches_ahead * self._batch_seconds))
@@ -248,14 +351,30 @@ class Batcher:
             live.append(item)
         if not live:
             return
-        try:
-            with self.manager.lease(live[0].model) as handle:
+        with ExitStack() as stack:
+            try:
+                handle = stack.enter_context(self.manager.lease(live[0].model))
+            except ModelNotFoundError:  # unloaded while these waited: they run where they were admitted
+                handle = None
+            if handle is not None:
                 for group in self._regroup(handle, live):
                     self._generate(handle, group)
-        except FlashstepError as exc:  # the model was unloaded while these waited
-            for item in live:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+                return
+        self._execute_admitted(live)
+
+    def _execute_admitted(self, items: list[WorkItem]) -> None:
+        by_handle: dict[int, list[WorkItem]] = {}
+        for item in items:
+            by_handle.setdefault(id(item.admitted), []).append(item)
+        for group in by_handle.values():
+            try:
+                with self.manager.lease_handle(group[0].admitted) as handle:
+                    for part in self._regroup(handle, group):
+                        self._generate(handle, part)
+            except FlashstepError as exc:  # closed already: nothing admitted was holding it
+                for item in group:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
 
     def _regroup(self, handle: LoadedModel, items: list[WorkItem]) -> list[list[WorkItem]]:
         """Items validated by another engine (a swap happened meanwhile) are validated again."""
@@ -273,31 +392,96 @@ class Batcher:
         return list(groups.values())
 
     def _generate(self, handle: LoadedModel, group: list[WorkItem]) -> None:
+        """Run `group` in one engine call; on an error, isolate the requests that cause it."""
         started = time.monotonic()
         try:
             result = handle.engine.generate([item.request for item in group])
             if len(result.images) != len(group):
                 raise RuntimeError(f"engine returned {len(result.images)} images for {len(group)} requests")
-        except FlashstepError as exc:  # e.g. InvalidRequestError found late: the client's fault (4xx)
-            for item in group:
-                item.future.set_exception(exc)
+        except NonFiniteOutputError as exc:
+            if not self._serve_finite(handle, group, exc, started):
+                self._isolate(handle, group, exc)
             return
-        except Exception:
-            logger.exception("batch failed: model=%s serial=%d size=%d", handle.name, handle.serial, len(group))
+        except Exception as exc:
+            self._isolate(handle, group, exc)
+            return
+        self._deliver(handle, group, result, started, range(len(group)))
+
+    def _serve_finite(self, handle: LoadedModel, group: list[WorkItem], exc: NonFiniteOutputError, started: float) -> bool:
+        """Fail the non-finite images' requests and serve the others from the same call.
+
+        False when `exc` carries no usable result (then the batch is split like any failure).
+        """
+        result = exc.result
+        bad = set(exc.indices)
+        if not isinstance(result, GenerationResult) or len(result.images) != len(group) or not bad:
+            return False
+        if not bad <= set(range(len(group))):
+            return False
+        for i in sorted(bad):
+            self._fail_alone(handle, group[i], exc)
+        self._deliver(handle, group, result, started, [i for i in range(len(group)) if i not in bad])
+        return True
+
+    def _isolate(self, handle: LoadedModel, group: list[WorkItem], exc: Exception) -> None:
+        """Split a failed batch in halves and run each again, so a request fails only by itself.
+
+        A batch with one bad request costs about 2 log2(n) extra engine calls; requests that
+        succeed in a half never run twice.
+        """
+        if is_out_of_memory(exc):
+            self.metrics.out_of_memory.labels(handle.name).inc()
+            empty_device_cache()
+        if not isinstance(exc, FlashstepError):
             self.metrics.batch_failures.labels(handle.name).inc()
-            for item in group:
-                item.future.set_exception(
-                    EngineFailure("the model failed while generating this request's batch; other requests are unaffected")
-                )
+        if len(group) == 1:
+            self._fail_alone(handle, group[0], exc)
+            return
+        logger.warning(
+            "batch failed, retrying its halves: model=%s serial=%d size=%d error=%s",
+            handle.name, handle.serial, len(group), type(exc).__name__,
+        )  # fmt: skip
+        middle = len(group) // 2
+        self._generate(handle, group[:middle])
+        self._generate(handle, group[middle:])
+
+    def _fail_alone(self, handle: LoadedModel, item: WorkItem, exc: Exception) -> None:
+        """Fail one request with the HTTP error its failure means; the exception itself stays in the log."""
+        if isinstance(exc, NonFiniteOutputError):
+            self.metrics.non_finite_outputs.labels(handle.name).inc()
+            error: Exception = NonFiniteOutputFailure(
+                f"the model produced an image with NaN or Inf values for this request (seed {item.request.seed}); "
+                "it was not returned"
+            )
+        elif isinstance(exc, FlashstepError):  # e.g. InvalidRequestError found late: the client's fault (4xx)
+            error = exc
+        elif is_out_of_memory(exc):
+            logger.warning("out of memory for a single request: model=%s serial=%d", handle.name, handle.serial)
+            retry = self._retry_after()
+            error = OutOfMemoryFailure(
+                f"the device ran out of memory for this request; retry after {retry} s",
+                headers={"Retry-After": str(retry)},
+            )
+        else:
+            logger.error("request failed alone: model=%s serial=%d", handle.name, handle.serial, exc_info=exc)
+            error = EngineFailure("the model failed while generating this request; other requests are unaffected")
+        item.future.set_exception(error)
+
+    def _deliver(
+        self, handle: LoadedModel, group: list[WorkItem], result: GenerationResult, started: float, served
+    ) -> None:
+        served = list(served)
+        if not served:
             return
         elapsed = time.monotonic() - started
         with self._lock:
             self._batch_seconds = elapsed if self._batch_seconds == 0 else 0.8 * self._batch_seconds + 0.2 * elapsed
-        self._record(handle, group, result.timings, started)
-        for item, image in zip(group, result.images, strict=True):
+        self._record(handle, [group[i] for i in served], len(group), result.timings, started)
+        for i in served:
+            item = group[i]
             item.future.set_result(
                 ImageOutcome(
-                    image=image,
+                    image=result.images[i],
                     seed=item.request.seed,
                     model=handle.name,
                     model_version=result.model_version or handle.version,
@@ -308,9 +492,11 @@ class Batcher:
                 )
             )
 
-    def _record(self, handle: LoadedModel, group: list[WorkItem], timings: StageTimings, started: float) -> None:
+    def _record(
+        self, handle: LoadedModel, group: list[WorkItem], batch_size: int, timings: StageTimings, started: float
+    ) -> None:
         m = self.metrics
-        m.batch_size.observe(len(group))
+        m.batch_size.observe(batch_size)
         m.images.labels(handle.name).inc(len(group))
         for stage in ("encode", "denoise", "decode", "total"):
             m.stage_seconds.labels(stage).observe(getattr(timings, stage))

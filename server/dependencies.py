@@ -15,6 +15,7 @@ from flashstep.server.image_store import ImageStore
 from flashstep.server.lifecycle import Lifecycle
 from flashstep.server.metrics import Metrics
 from flashstep.server.model_manager import ModelManager
+from flashstep.server.request_origin import RequestOrigin
 from flashstep.server.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="The server's admin token (FLASHSTEP_ADMIN_TOKEN).")
@@ -38,6 +39,10 @@ def get_generation(request: Request) -> GenerationService:
 
 def get_image_store(request: Request) -> ImageStore:
     return request.app.state.image_store
+
+
+def get_origin(request: Request) -> RequestOrigin:
+    return request.app.state.origin
 
 
 def get_metrics(request: Request) -> Metrics:
@@ -66,5 +71,6 @@ ManagerDep = Annotated[ModelManager, Depends(get_manager)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 GenerationDep = Annotated[GenerationService, Depends(get_generation)]
 ImageStoreDep = Annotated[ImageStore, Depends(get_image_store)]
+OriginDep = Annotated[RequestOrigin, Depends(get_origin)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 LifecycleDep = Annotated[Lifecycle, Depends(get_lifecycle)]

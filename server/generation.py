@@ -38,6 +38,7 @@ logger = logging.getLogger("flashstep.server")
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DISCONNECT_POLL_S = 0.25
+NO_MODEL_RETRY_AFTER_S = 5  # while no model serves: loading, or all unloaded until an admin loads one
 # The one field whose HTTP name differs from the engine's: GenerationRequest field -> route field.
 # `build_requests` maps HTTP -> engine; `GenerationService` maps engine errors back with this.
 API_FIELD_NAMES = {"num_inference_steps": "steps"}
@@ -81,13 +82,21 @@ def build_requests(prompt: str, options: GenerationOptions, n: int, **size: int 
     return [replace(base, seed=seed + i) for i in range(n)]
 
 
+# OpenAI's `output_compression`: 0-100, where 100 (its default) compresses least.
+DEFAULT_OUTPUT_COMPRESSION = 100
+
+
 def encode_image(image: Image.Image, output_format: str, compression: int | None = None) -> bytes:
-    """PNG, JPEG or WebP bytes of a PIL image; `compression` is the quality loss in percent."""
+    """PNG, JPEG or WebP bytes of a PIL image.
+
+    `compression` has OpenAI's meaning, 0-100 with 100 the least compression, so it is the
+    encoder's quality; PNG is lossless and ignores it.
+    """
     buffer = io.BytesIO()
     if output_format == "png":
         image.save(buffer, format="PNG")
     else:
-        quality = 100 - compression if compression is not None else 95
+        quality = DEFAULT_OUTPUT_COMPRESSION if compression is None else compression
         image.convert("RGB").save(buffer, format=output_format.upper(), quality=quality)
     return buffer.getvalue()
 
@@ -124,16 +133,28 @@ class GenerationService:
         futures = await run_in_threadpool(self._submit, model, requests, check, names)
         return await self._wait(futures, http_request)
 
+    async def count_tokens(self, model: str | None, texts: list[str]) -> int:
+        """Tokens of `texts` by `model`'s tokenizer (for OpenAI's `usage`), counted in a worker thread."""
+
+        def count() -> int:
+            with self.manager.lease(model) as handle:
+                return sum(handle.engine.count_tokens(text) for text in texts)
+
+        return await run_in_threadpool(count)
+
     def _refuse_when_not_serving(self) -> None:
         phase = self.lifecycle.phase
         if phase is Phase.SHUTTING_DOWN:
             raise ShuttingDownError("the server is shutting down and takes no new requests")
         if self.manager.names():
             return
+        retry = {"Retry-After": str(NO_MODEL_RETRY_AFTER_S)}
         if phase in (Phase.STARTING, Phase.LOADING):
-            raise NotReadyError("models are still loading; retry shortly", headers={"Retry-After": "5"})
+            raise NotReadyError("models are still loading; retry shortly", headers=retry)
         if phase is Phase.FAILED:
-            raise NotReadyError("no model is serving: start-up loading failed (see GET /readyz)")
+            raise NotReadyError("no model is serving: start-up loading failed (see GET /readyz)", headers=retry)
+        # Ready, but every model was unloaded: a condition of the server, not a wrong model name.
+        raise NotReadyError("no model is loaded; an operator can load one with POST /admin/models", headers=retry)
 
     def _submit(self, model, requests, check, names):
         with self.manager.lease(model) as handle:

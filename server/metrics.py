@@ -5,14 +5,22 @@ Names follow Prometheus conventions: `_total` counters, `_seconds` histograms, b
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 # Stage latencies on a CPU toy model sit in milliseconds, a real SD model on a GPU in tenths of
 # seconds, a queue wait under load in seconds: one wide log-spaced set covers all three.
@@ -63,8 +71,55 @@ class Metrics:
             "flashstep_model_swaps_total", "Hot swaps, by result (ok, error, forbidden).", ["result"], registry=r
         )
         self.model_unloads = Counter("flashstep_model_unloads_total", "Models unloaded.", registry=r)
+        self.worker_restarts = Counter(
+            "flashstep_worker_restarts_total", "Device worker threads restarted after they died, by device.",
+            ["device"], registry=r,
+        )
+        self.non_finite_outputs = Counter(
+            "flashstep_non_finite_outputs_total", "Images refused for NaN or Inf values, by model.", ["model"], registry=r
+        )
+        self.out_of_memory = Counter(
+            "flashstep_out_of_memory_total", "Engine calls that ran out of device memory, by model.", ["model"],
+            registry=r,
+        )
         self.models_loaded = Gauge("flashstep_models_loaded", "Models currently serving.", registry=r)
+        self.bodies_refused = Counter(
+            "flashstep_request_bodies_refused_total",
+            "Request bodies refused before parsing, by reason (too_large, timeout, not_utf8).",
+            ["reason"], registry=r,
+        )
+        # The process's memory, CPU, open files, GC and Python version, as on the default registry
+        # (process_resident_memory_bytes, ...); built anew because a collector joins one registry.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        r.register(CudaMemoryCollector())
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class CudaMemoryCollector(Collector):
+    """torch.cuda.memory_allocated/reserved per device, read at scrape time.
+
+    Yields nothing until some engine has imported torch and initialised CUDA: a scrape never
+    imports torch nor creates a CUDA context. One label, the device index (bounded by the host).
+    """
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_initialized():
+            return
+        allocated = GaugeMetricFamily(
+            "flashstep_cuda_memory_allocated_bytes", "Bytes held by tensors (torch.cuda.memory_allocated).", labels=["device"]
+        )
+        reserved = GaugeMetricFamily(
+            "flashstep_cuda_memory_reserved_bytes", "Bytes held by the caching allocator (torch.cuda.memory_reserved).",
+            labels=["device"],
+        )
+        for index in range(torch.cuda.device_count()):
+            allocated.add_metric([str(index)], float(torch.cuda.memory_allocated(index)))
+            reserved.add_metric([str(index)], float(torch.cuda.memory_reserved(index)))
+        yield allocated
+        yield reserved

@@ -9,6 +9,10 @@ its last lease ends, so batches already running finish on the engine they starte
       switch the name under the lock        (new leases get the new engine)
       old engine closes when in_flight == 0 (memory freed)
 
+Requests are admitted to an engine when the batcher queues them (`admit`), and that also keeps
+it open: an unload takes the name out of service at once (new requests get 404), but the
+requests it already admitted still run, on the engine they were admitted to (`lease_handle`).
+
 All methods block (loading reads weights, warmup runs the model): call them from a worker
 thread, never from the event loop.
 
@@ -54,6 +58,7 @@ def registry_loader(name_or_path: str | Path, *, name: str, models_root: Path | 
     from flashstep.models import registry
     from flashstep.models.engine import load_engine
 
+    # restrict_to_root also confines the engine: its base, LoRA and every symlink stay inside.
     path = registry.resolve(str(name_or_path), models_root, restrict_to_root=True)
     roots = [registry.SHIPPED_MODELS_DIR, *([Path(models_root).resolve()] if models_root is not None else [])]
     if not any(path.resolve().is_relative_to(root) for root in roots):
@@ -65,7 +70,9 @@ def registry_loader(name_or_path: str | Path, *, name: str, models_root: Path | 
 class LoadedModel:
     """One engine serving one name. `serial` tells engines apart across swaps of the same name.
 
-    `engine` is None once closed (its last lease ended after an unload or swap).
+    `engine` is None once closed (its last lease ended after an unload or swap). `in_flight`
+    counts batches running on it, `admitted` requests queued for it; it closes once retired and
+    both are zero.
     """
 
     name: str
@@ -74,7 +81,9 @@ class LoadedModel:
     version: str
     loaded_at: float
     in_flight: int = 0
+    admitted: int = 0
     retired: bool = False
+    closing: bool = False
 
 
 class ModelManager:
@@ -142,13 +151,41 @@ class ModelManager:
         try:
             yield handle
         finally:
-            with self._lock:
-                handle.in_flight -= 1
-                close = handle.retired and handle.in_flight == 0
-            if close:
-                # Not on the caller's thread: that is a device worker, and closing (gc, cache
-                # release) would stall the batches queued behind it.
-                threading.Thread(target=self._close, args=(handle,), name=f"flashstep-close-{handle.name}").start()
+            self._unpin(handle, "in_flight")
+
+    @contextmanager
+    def lease_handle(self, handle: LoadedModel) -> Iterator[LoadedModel]:
+        """Pin `handle` itself, served or not: for requests it admitted before an unload.
+
+        Raises ModelNotFoundError if it closed already (nothing admitted was holding it).
+        """
+        with self._lock:
+            if handle.engine is None:
+                raise ModelNotFoundError(f"model {handle.name!r} was unloaded")
+            handle.in_flight += 1
+        try:
+            yield handle
+        finally:
+            self._unpin(handle, "in_flight")
+
+    def admit(self, handle: LoadedModel, n: int) -> None:
+        """Count `n` requests queued for `handle`: it stays open until each one is `discharge`d."""
+        with self._lock:
+            handle.admitted += n
+
+    def discharge(self, handle: LoadedModel) -> None:
+        """One admitted request is done (served, failed or cancelled)."""
+        self._unpin(handle, "admitted")
+
+    def _unpin(self, handle: LoadedModel, counter: str) -> None:
+        with self._lock:
+            setattr(handle, counter, getattr(handle, counter) - 1)
+            close = handle.retired and not handle.closing and handle.in_flight == 0 and handle.admitted == 0
+            handle.closing = handle.closing or close  # at once: a racing last unpin must not close it twice
+        if close:
+            # Not on the caller's thread: that is a device worker, and closing (gc, cache
+            # release) would stall the batches queued behind it.
+            threading.Thread(target=self._close, args=(handle,), name=f"flashstep-close-{handle.name}").start()
 
     # ----- changing -----
 
@@ -184,7 +221,7 @@ class ModelManager:
         return old, new
 
     def unload(self, name: str) -> LoadedModel:
-        """Stop serving `name`; its engine closes once in-flight batches end."""
+        """Stop serving `name`; its engine closes once the requests it admitted and its batches end."""
         with self._admin_lock, self._lock:
             handle = self._get_locked(name)
             del self._models[name]
@@ -235,8 +272,11 @@ class ModelManager:
         )
 
     def _retire_locked(self, handle: LoadedModel) -> bool:
+        """Mark `handle` out of service; True when nothing holds it, so the caller closes it now."""
         handle.retired = True
-        return handle.in_flight == 0
+        close = handle.in_flight == 0 and handle.admitted == 0  # else whoever unpins it last closes it
+        handle.closing = handle.closing or close
+        return close
 
     def _close(self, handle: LoadedModel) -> None:
         try:

@@ -16,10 +16,11 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from flashstep.server.errors import RequestIdFilter
 from flashstep.server.lifecycle import Lifecycle
 from flashstep.server.settings import Settings
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s request_id=%(request_id)s %(message)s"
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -39,9 +40,29 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--device", help="torch device, e.g. cuda:0 (default: CUDA when available, else CPU)")
     add("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype (default: per device)")
     add("--warmup", action=argparse.BooleanOptionalAction, default=None, help="warm each model before ready")
+    add("--public-url", help="scheme://host[:port][/prefix] that image urls start with (default: forwarded or bind address)")
     add("--graceful-shutdown-s", type=float, help="on SIGTERM, time in-flight requests get (default 60)")
     add("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    add("--max-body-bytes", type=int, help="largest request body; past it, 413 before parsing (default 1048576)")
+    add("--body-read-timeout-s", type=float, help="408 when a body is still arriving after this (default 10)")
+    add("--keep-alive-timeout-s", type=int, help="close idle keep-alive connections after this (default 5)")
+    add("--max-header-bytes", type=int, help="largest request line plus headers; past it, 400 (default 16384)")
     return parser
+
+
+def uvicorn_limits(settings: Settings) -> dict[str, int | str]:
+    """uvicorn's own limits on a connection, from the settings: idle keep-alive time, header size.
+
+    The h11 parser, because only it takes a header cap (httptools, uvicorn's pick when installed,
+    buffers headers without bound); its cost is noise beside a forward pass. uvicorn applies no
+    timeout before a connection's first request completes its headers: the cap bounds what such
+    a connection can hold, and a proxy in front, where there is one, closes it.
+    """
+    return {
+        "http": "h11",
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +102,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())  # uvicorn's loggers write through these handlers too
 
     from flashstep.server.app import create_app  # after logging is set up; pulls in torch
 
@@ -92,6 +115,10 @@ def serve_main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
         log_config=None,  # keep the root logger's format (set above) for uvicorn's loggers too
+        # uvicorn would rewrite the peer and scheme from X-Forwarded-* sent from 127.0.0.1; flashstep
+        # believes those headers only from FLASHSTEP_TRUSTED_PROXIES (server/request_origin.py).
+        proxy_headers=False,
+        **uvicorn_limits(settings),
     )
     FlashstepServer(config, app.state.lifecycle).run()
     return 0

@@ -6,8 +6,10 @@ the app; nothing else in `server/` reads the environment.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -42,10 +44,32 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="torch device for every model, e.g. cuda:0. Default: the engine's choice.")
     dtype: Dtype | None = Field(None, description="Weights dtype. Default: the engine's choice for the device.")
     warmup: bool = Field(True, description="Run one generation per model before reporting ready.")
-    image_store_size: int = Field(256, ge=1, description="Most images kept for response_format=url.")
+    image_store_bytes: int = Field(
+        256 * 2**20, ge=65536, description="Bytes of images kept for response_format=url (plus 1 KiB per image)."
+    )
+    image_store_client_share: float = Field(
+        0.25, gt=0, le=1, description="Fraction of image_store_bytes one client (bearer token, else address) may hold."
+    )
+    image_store_dir: Path | None = Field(
+        None, description="Folder of the url image store, shared by every process using it. Default: memory."
+    )
+    public_url: str | None = Field(
+        None, description="scheme://host[:port][/prefix] image urls are built from. Default: forwarded or bind address."
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        [], description="Addresses or networks whose X-Forwarded-* headers are believed, comma-separated."
+    )
     image_ttl_s: float = Field(600.0, gt=0, description="Seconds an image stays fetchable at its url.")
     graceful_shutdown_s: float = Field(60.0, ge=0, description="On SIGTERM, how long in-flight requests may take.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level of log lines written.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body; past it, 413 before parsing.")
+    body_read_timeout_s: float = Field(
+        10.0, gt=0, description="A request body still arriving this long after its headers gets 408."
+    )
+    keep_alive_timeout_s: int = Field(5, ge=1, description="An idle keep-alive connection is closed after this.")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="Largest request line plus headers; past it, uvicorn answers 400."
+    )
 
     @field_validator("models", mode="before")
     @classmethod
@@ -53,6 +77,29 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()] or None
         return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [entry.strip() for entry in value.split(",") if entry.strip()]
+        if isinstance(value, list):
+            for entry in value:  # fail at start, not on the first forwarded request
+                try:
+                    ipaddress.ip_network(str(entry).strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"`trusted_proxies` entries must be IP addresses or networks but one is {entry!r}") from None
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"`public_url` must be http(s)://host[:port][/prefix] with no query but is {value!r}")
+        return value.rstrip("/")
 
     @field_validator("attention_backend")
     @classmethod

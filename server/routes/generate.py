@@ -7,6 +7,7 @@ import base64
 from fastapi import APIRouter, Request, Response
 
 from flashstep.server.dependencies import GenerationDep
+from flashstep.server.errors import error_responses
 from flashstep.server.generation import MEDIA_TYPES, build_requests, encode_images, timing_headers
 from flashstep.server.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Timings
 
@@ -16,7 +17,10 @@ router = APIRouter(tags=["native"])
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
+    responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        **error_responses(400, 404, 408, 413, 429, 500, 503, 504),
+    },
     summary="Generate images",
 )
 async def generate(

@@ -15,16 +15,23 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: 200 once every start-up model is loaded and warm")
+@router.get("/readyz", summary="Readiness: 200 while a model is loaded and warm and every device worker lives")
 async def readyz(
     lifecycle: LifecycleDep,
     manager: ManagerDep,
     batcher: BatcherDep,
 ) -> JSONResponse:
-    body = {"status": lifecycle.phase.value, "models": manager.names(), "queue_depth": batcher.depth}
+    models = manager.names()
+    dead = batcher.dead_workers()
+    body = {"status": lifecycle.phase.value, "models": models, "queue_depth": batcher.depth}
     if lifecycle.error:
         body["error"] = lifecycle.error
-    return JSONResponse(body, status_code=200 if lifecycle.ready else 503)
+    # Ready means able to serve now: a model to answer with and a live worker on every device.
+    if lifecycle.ready and not models:
+        body["status"], body["error"] = "unavailable", "no model is loaded"
+    elif lifecycle.ready and dead:
+        body["status"], body["error"] = "unavailable", f"device workers died and await restart: {dead}"
+    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

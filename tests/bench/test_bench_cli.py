@@ -40,6 +40,7 @@ def test_gpu_script_exits_zero_without_cuda():
     assert "no CUDA device" in done.stdout
 
 
+@pytest.mark.slow
 def test_gpu_run_tables_each_runnable_backend_and_says_why_others_were_skipped(bench_models, tmp_path):
     plan = gpu.GpuPlan(
         device="cpu", dtype="float32", backends=("sdpa", "xformers", "math"), teacher_steps=2,

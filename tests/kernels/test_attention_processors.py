@@ -54,6 +54,7 @@ def test_sdpa_processor_reproduces_stock_diffusers_unet(tiny_unet, unet_inputs):
 
 
 @needs_triton_device
+@pytest.mark.slow
 def test_unet_on_triton_matches_unet_on_sdpa(tiny_unet, unet_inputs, monkeypatch):
     # On CUDA, float32 convolutions default to TF32, which rounds inputs to 10 mantissa bits: a 1e-6
     # difference between two attention kernels then flips roundings and grows to ~6e-4 (seen on an

@@ -13,7 +13,7 @@ from flashstep.models.contract import EngineProtocol
 from flashstep.models.engine import Engine
 from flashstep.models.errors import CheckpointError, InvalidRequestError
 from flashstep.models.outputs import GenerationRequest, GenerationResult
-from flashstep.models.prompts import PromptCache, PromptEmbedding
+from flashstep.models.prompts import MAX_ENTRY_SHARE, PromptCache, PromptEmbedding, embedding_bytes
 from flashstep.models.schedule import cpu_generators, randn_per_sample
 from flashstep.models.validation import MAX_SEED
 
@@ -227,15 +227,16 @@ def test_teacher_matches_vanilla_diffusers(teacher, teacher_dir):
 
 
 def test_prompt_cache_is_a_bounded_lru_with_the_empty_prompt_pinned():
-    cache = PromptCache(capacity=2)
     emb = PromptEmbedding(torch.zeros(1, 1))
+    texts = [f"t{i:02d}" for i in range(MAX_ENTRY_SHARE + 2)]  # keys of one length: every entry costs the same
+    cache = PromptCache(max_bytes=MAX_ENTRY_SHARE * embedding_bytes(texts[0], emb))  # room for MAX_ENTRY_SHARE
     cache.put("", emb)
-    for text in ("a", "b", "c"):
+    for text in texts[:-1]:
         cache.put(text, emb)
-    assert "" in cache and "a" not in cache and "b" in cache and "c" in cache
-    cache.get("b")  # b is now the most recent; d evicts c
-    cache.put("d", emb)
-    assert "b" in cache and "c" not in cache and len(cache) == 3
+    assert "" in cache and texts[0] not in cache and texts[1] in cache and texts[-2] in cache
+    cache.get(texts[1])  # now the most recent; the next put evicts texts[2]
+    cache.put(texts[-1], emb)
+    assert texts[1] in cache and texts[2] not in cache and len(cache) == MAX_ENTRY_SHARE + 1
 
 
 def test_generate_serves_repeated_prompts_from_the_cache(swiftbrush):

@@ -27,6 +27,7 @@ def test_the_user_folders_are_not_importable_packages_of_their_own():
         assert (REPO / "flashstep" / folder).resolve() == (REPO / folder).resolve(), folder
 
 
+@pytest.mark.slow
 def test_hf_kernels_transformers_and_flashstep_share_a_process_and_diffusers_loads_a_lora():
     """From the repository root (cwd first on sys.path, as `python -m` puts it), `import kernels` is
     Hugging Face's, and diffusers' PEFT path loads the shipped Hyper-SD LoRA onto the teacher."""

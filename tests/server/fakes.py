@@ -96,6 +96,9 @@ class FakeEngine:
     def memory_bytes(self) -> int:
         return 1234
 
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())  # the fake's token is a word, as in `validate`
+
     def close(self) -> None:
         self.closed = True
 

@@ -15,7 +15,7 @@ from flashstep.models.contract import EngineProtocol
 from flashstep.models.engine import Engine
 from tests.server.fakes import FakeEngine
 
-METHODS = ("validate", "batch_key", "generate", "warmup", "memory_bytes", "close")
+METHODS = ("validate", "batch_key", "generate", "warmup", "memory_bytes", "count_tokens", "close")
 
 
 def parameters(function) -> list[tuple[str, inspect._ParameterKind]]:

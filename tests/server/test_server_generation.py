@@ -43,6 +43,7 @@ async def _generate_concurrently(url: str, bodies: list[dict]) -> list[httpx.Res
         return await asyncio.gather(*(client.post("/generate", json=body) for body in bodies))
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_batches_and_match_their_solo_images(live_server, client):
     batches_before, singles_before = batch_size_counts(client)
     bodies = [{"prompt": f"a red circle number {i}", "seed": 1000 + i} for i in range(16)]
@@ -118,28 +119,28 @@ LONG_PROMPT = " ".join(["a large red circle on the left"] * 20)
 
 BAD_REQUESTS = [
     # (route, body, status, param)
-    ("/v1/images/generations", {"prompt": "x", "n": 11}, 422, "n"),
-    ("/v1/images/generations", {"prompt": "x", "n": 0}, 422, "n"),
-    ("/v1/images/generations", {"prompt": "x", "size": "128x128"}, 422, "size"),
-    ("/v1/images/generations", {"prompt": "x", "size": "huge"}, 422, "size"),
-    ("/v1/images/generations", {"prompt": "x", "steps": 3}, 422, "steps"),
-    ("/v1/images/generations", {"prompt": "x", "model": "swift", "steps": 2}, 422, "steps"),
-    ("/v1/images/generations", {"prompt": LONG_PROMPT}, 422, "prompt"),
-    ("/v1/images/generations", {"prompt": "x", "negative_prompt": LONG_PROMPT}, 422, "negative_prompt"),
-    ("/v1/images/generations", {"prompt": "x", "guidance_scale": 100}, 422, "guidance_scale"),
-    ("/v1/images/generations", {"prompt": "x", "model": "swift", "guidance_scale": 5}, 422, "guidance_scale"),
-    ("/v1/images/generations", {"prompt": "x", "nasa_alpha": 2}, 422, "nasa_alpha"),
-    ("/v1/images/generations", {"prompt": "x", "hybrid": True}, 422, "hybrid"),
-    ("/v1/images/generations", {"prompt": "x", "response_format": "xml"}, 422, "response_format"),
-    ("/v1/images/generations", {"prompt": "x", "output_format": "gif"}, 422, "output_format"),
-    ("/v1/images/generations", {"prompt": "x", "seed": -1}, 422, "seed"),
-    ("/v1/images/generations", {"prompt": "x", "frame_count": 4}, 422, "frame_count"),
-    ("/v1/images/generations", {"prompt": ""}, 422, "prompt"),
-    ("/v1/images/generations", {"n": 1}, 422, "prompt"),
+    ("/v1/images/generations", {"prompt": "x", "n": 11}, 400, "n"),
+    ("/v1/images/generations", {"prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/images/generations", {"prompt": "x", "size": "128x128"}, 400, "size"),
+    ("/v1/images/generations", {"prompt": "x", "size": "huge"}, 400, "size"),
+    ("/v1/images/generations", {"prompt": "x", "steps": 3}, 400, "steps"),
+    ("/v1/images/generations", {"prompt": "x", "model": "swift", "steps": 2}, 400, "steps"),
+    ("/v1/images/generations", {"prompt": LONG_PROMPT}, 400, "prompt"),
+    ("/v1/images/generations", {"prompt": "x", "negative_prompt": LONG_PROMPT}, 400, "negative_prompt"),
+    ("/v1/images/generations", {"prompt": "x", "guidance_scale": 100}, 400, "guidance_scale"),
+    ("/v1/images/generations", {"prompt": "x", "model": "swift", "guidance_scale": 5}, 400, "guidance_scale"),
+    ("/v1/images/generations", {"prompt": "x", "nasa_alpha": 2}, 400, "nasa_alpha"),
+    ("/v1/images/generations", {"prompt": "x", "hybrid": True}, 400, "hybrid"),
+    ("/v1/images/generations", {"prompt": "x", "response_format": "xml"}, 400, "response_format"),
+    ("/v1/images/generations", {"prompt": "x", "output_format": "gif"}, 400, "output_format"),
+    ("/v1/images/generations", {"prompt": "x", "seed": -1}, 400, "seed"),
+    ("/v1/images/generations", {"prompt": "x", "frame_count": 4}, 400, "frame_count"),
+    ("/v1/images/generations", {"prompt": ""}, 400, "prompt"),
+    ("/v1/images/generations", {"n": 1}, 400, "prompt"),
     ("/v1/images/generations", {"prompt": "x", "model": "no-such-model"}, 404, "model"),
-    ("/generate", {"prompt": "x", "n": 11}, 422, "n"),
-    ("/generate", {"prompt": "x", "height": 128}, 422, "height"),
-    ("/generate", {"prompt": "x", "num_inference_steps": 3}, 422, "steps"),
+    ("/generate", {"prompt": "x", "n": 11}, 400, "n"),
+    ("/generate", {"prompt": "x", "height": 128}, 400, "height"),
+    ("/generate", {"prompt": "x", "num_inference_steps": 3}, 400, "steps"),
     ("/generate", {"prompt": "x", "model": "no-such-model"}, 404, "model"),
 ]
 
@@ -150,7 +151,7 @@ def test_bad_input_gets_a_4xx_that_names_the_field(client, route, body, status, 
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["param"] == param
-    assert error["type"] == ("invalid_request_error" if status == 422 else "not_found_error")
+    assert error["type"] == ("invalid_request_error" if status == 400 else "not_found_error")
     assert f"`{param}`" in error["message"] or param in error["message"]
     assert "Traceback" not in response.text
 
@@ -160,15 +161,15 @@ def test_unknown_model_lists_the_loaded_ones(client):
     assert "teacher" in error["message"] and "swift" in error["message"]
 
 
-def test_invalid_json_is_a_422_not_a_500(client):
+def test_invalid_json_is_a_400_not_a_500(client):
     response = client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
-    assert response.status_code == 422 and "JSON" in response.json()["error"]["message"]
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
 
 
 def test_a_negative_prompt_the_family_cannot_use_is_refused(client):
     body = {"prompt": "a circle", "model": "swift", "negative_prompt": "red", "nasa_alpha": 0}
     response = client.post("/generate", json=body)
-    assert response.status_code == 422 and response.json()["error"]["param"] == "negative_prompt"
+    assert response.status_code == 400 and response.json()["error"]["param"] == "negative_prompt"
 
 
 def test_an_engine_failure_fails_only_its_batch_with_a_clean_500(live_server, client):
@@ -196,7 +197,7 @@ def test_requests_are_counted_by_route_and_status(client):
     client.post("/generate", json={"prompt": "x", "n": 99})
     metrics = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
     samples = metrics["flashstep_http_requests"].samples
-    assert any(s.labels == {"route": "/generate", "method": "POST", "status": "422"} and s.value >= 1 for s in samples)
+    assert any(s.labels == {"route": "/generate", "method": "POST", "status": "400"} and s.value >= 1 for s in samples)
     for name in ("flashstep_queue_depth", "flashstep_stage_seconds", "flashstep_images_generated", "flashstep_model_loads"):
         assert name in metrics
 

@@ -128,6 +128,7 @@ def webdriver() -> Iterator[WebDriver]:
         process.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_the_playground_generates_an_image_after_a_click(live_server, webdriver):
     webdriver.get(f"{live_server.url}/")
     webdriver.wait_for("return document.body.dataset.state === 'ready'")

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from flashstep.server.errors import describe_validation_error
-from flashstep.server.image_store import ImageStore
+from flashstep.server.image_store import ENTRY_OVERHEAD_BYTES, Limits, MemoryImageStore
 from flashstep.server.metrics import batch_size_buckets
 from flashstep.server.schemas import GenerateRequest, ImageGenerationRequest, parse_size
 from flashstep.server.settings import Settings
@@ -53,12 +53,12 @@ def test_serve_flags_become_settings(monkeypatch):
     assert (settings.port, settings.models, settings.warmup, settings.queue_limit) == (0, ["a", "b"], False, 7)
 
 
-def test_image_store_expires_and_evicts_oldest():
+def test_image_store_expires_and_evicts_the_clients_oldest():
     clock = Clock()
-    store = ImageStore(capacity=2, ttl_s=10, clock=clock)
+    store = MemoryImageStore(Limits.of(2 * (ENTRY_OVERHEAD_BYTES + 1), 1.0, ttl_s=10), clock=clock)
     a = store.put(b"a", "image/png")
     b = store.put(b"b", "image/png")
-    c = store.put(b"c", "image/png")  # evicts a
+    c = store.put(b"c", "image/png")  # evicts a: same client, store full
     assert store.get(a) is None and store.get(b).data == b"b" and len(store) == 2
     clock.now = 10.5
     assert store.get(c) is None and len(store) == 0

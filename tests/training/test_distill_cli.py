@@ -32,6 +32,7 @@ def refused(argv: list[str], pattern: str) -> None:
 
 
 @pytest.mark.parametrize("stage", DISTILL_STAGES)
+@pytest.mark.slow
 def test_train_recipe_from_the_command_line_exports_loadable_models(stage, tiny_teacher_dir, tmp_path, capsys):
     out = tmp_path / "models"
     argv = ["train", stage, "--tiny", "--teacher", str(tiny_teacher_dir), "--out", str(out), "--runs", str(tmp_path / "runs")]
@@ -46,6 +47,7 @@ def test_train_recipe_from_the_command_line_exports_loadable_models(stage, tiny_
         assert result.images[0].size == (64, 64)
 
 
+@pytest.mark.slow
 def test_bf16_reaches_the_instaflow_recipe_and_its_exports_say_so(tiny_teacher_dir, tmp_path):
     """`train instaflow --bf16` runs pairs, reflow and distillation under bfloat16 autocast, as the
     refinement legs do; a stage with no bf16 path refuses the flag instead of ignoring it."""

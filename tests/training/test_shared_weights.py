@@ -39,6 +39,7 @@ def _image(root, name):
     return torch.tensor(list(result.images[0].get_flattened_data()), dtype=torch.float32)
 
 
+@pytest.mark.slow
 def test_duplicates_become_relative_links_to_the_teachers_files_and_the_folders_draw_the_same(root):
     before = {name: _image(root, name) for name in ("shapes-teacher", "a-student")}
     total = unique_weight_bytes(root)

@@ -180,6 +180,7 @@ def test_swiftbrush_recipe_trains_resumes_and_exports_a_servable_one_step_folder
     assert config.prediction == pipe.scheduler.config.prediction_type == "epsilon"
 
 
+@pytest.mark.slow
 def test_a_v_prediction_student_is_exported_as_one_and_served_as_it_was_trained(tiny_teacher_dir, tmp_path):
     cfg = replace(TINY, steps=1, prediction="v_prediction")
     out = tmp_path / "swiftbrush"
@@ -202,6 +203,7 @@ def test_a_v_prediction_student_is_exported_as_one_and_served_as_it_was_trained(
     assert torch.allclose(served, want, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_lora_teacher_can_take_several_updates_per_student_update(tiny_teacher_dir, tmp_path):
     """DMD2's two time-scale rule: `lora_updates` LoRA optimizer steps for each student step."""
     cfg = replace(TINY, steps=2, save_every=2, lora_updates=3)
@@ -214,6 +216,7 @@ def test_the_lora_teacher_can_take_several_updates_per_student_update(tiny_teach
         SwiftBrushTrainConfig(lora_updates=0)
 
 
+@pytest.mark.slow
 def test_a_lora_warmup_trains_only_the_lora_teacher_in_its_first_steps(tiny_teacher_dir, tmp_path):
     """From a warm start the LoRA teacher (the teacher at first) must fit the student's samples before VSD moves it."""
     cfg = replace(TINY, steps=3, save_every=3, lora_updates=1, lora_warmup=2)

@@ -2,6 +2,7 @@
 encoder to tell apart the words the epsilon loss alone left indistinguishable (position)."""
 
 import numpy as np
+import pytest
 import torch
 
 from flashstep.training.architecture import ShapesArch, build_text_encoder
@@ -30,6 +31,7 @@ def test_heads_pool_only_real_tokens():
     assert {k: v.shape[-1] for k, v in a.items()} == {k: len(v) + 1 for k, v in ATTRIBUTES.items()}
 
 
+@pytest.mark.slow
 def test_the_loss_teaches_a_text_encoder_to_tell_left_from_right(tmp_path):
     torch.manual_seed(0)
     arch = ShapesArch.tiny()

@@ -47,6 +47,7 @@ def test_judge_smoke_trains_and_reloads(tiny_judge):
     assert feats.shape == (2, judge.config.feature_dim) and np.isfinite(feats).all()
 
 
+@pytest.mark.slow
 def test_vae_and_teacher_losses_are_finite(tiny_teacher):
     _, _, vae_report, report = tiny_teacher
     assert math.isfinite(vae_report["final_loss"]) and vae_report["scaling_factor"] > 0

@@ -57,6 +57,7 @@ def test_the_student_moves_onto_the_sources_map_on_fresh_noise(tiny_teacher_dir,
     assert after < 0.5 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_the_take_over_resumes_where_it_stopped(tiny_teacher_dir, tiny_instaflow_dir, random_judge, tmp_path):
     teacher = load_teacher(tiny_teacher_dir)
     cfg = WarmStartConfig(source=str(tiny_instaflow_dir), steps=3, batch_size=2, save_every=2, warmup=1)
@@ -68,6 +69,7 @@ def test_the_take_over_resumes_where_it_stopped(tiny_teacher_dir, tiny_instaflow
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), again.state_dict().values(), strict=True))
 
 
+@pytest.mark.slow
 def test_swiftbrush_from_a_warm_start_exports_the_take_over_with_its_provenance(
     tiny_teacher_dir, tiny_instaflow_dir, tmp_path
 ):
