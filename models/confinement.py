@@ -44,6 +44,8 @@ def check_path_text(text: str, field: str = "path") -> str:
         raise InvalidRequestError(field, f"`{field}` must be a non-empty folder name or path")
     if "\x00" in text:
         raise InvalidRequestError(field, f"`{field}` must not contain a NUL byte")
+    if len(text) > PATH_MAX:  # first, so no message below echoes a huge string
+        raise InvalidRequestError(field, f"`{field}` must be at most {PATH_MAX} characters but has {len(text)}")
     if not text.isprintable():
         raise InvalidRequestError(field, f"`{field}` must not contain control characters but is {text!r}")
     try:

@@ -37,6 +37,7 @@ from typing import Any
 
 from flashstep.models.contract import EngineProtocol
 from flashstep.models.errors import ForbiddenPathError, ModelNotFoundError
+from flashstep.server.allocator import mapped_while_loading
 from flashstep.server.errors import ModelConflictError
 from flashstep.server.metrics import Metrics
 
@@ -254,7 +255,8 @@ class ModelManager:
     def _build(self, name_or_path: str | Path, name: str, counter) -> LoadedModel:
         engine = None
         try:
-            engine = self._loader(name_or_path, name=name, models_root=self.models_root, **self._load_kwargs)
+            with mapped_while_loading():  # weights outside the heap: freed for good at unload (allocator.py)
+                engine = self._loader(name_or_path, name=name, models_root=self.models_root, **self._load_kwargs)
             if self._warmup:
                 engine.warmup()
         except ForbiddenPathError:

@@ -16,6 +16,7 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from flashstep.server import allocator
 from flashstep.server.errors import RequestIdFilter
 from flashstep.server.lifecycle import Lifecycle
 from flashstep.server.settings import Settings
@@ -47,6 +48,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--body-read-timeout-s", type=float, help="408 when a body is still arriving after this (default 10)")
     add("--keep-alive-timeout-s", type=int, help="close idle keep-alive connections after this (default 5)")
     add("--max-header-bytes", type=int, help="largest request line plus headers; past it, 400 (default 16384)")
+    add("--malloc-mmap-threshold-bytes", type=int,
+        help="glibc: while a model loads, map allocations above this, so unloaded models free their memory; 0 leaves glibc alone (default 4096)")
     return parser
 
 
@@ -105,6 +108,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())  # uvicorn's loggers write through these handlers too
 
+    allocator.configure(settings.malloc_mmap_threshold_bytes)  # before any model's weights are allocated
     from flashstep.server.app import create_app  # after logging is set up; pulls in torch
 
     app = create_app(settings)

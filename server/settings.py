@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, description="Largest request line plus headers; past it, uvicorn answers 400."
     )
+    malloc_mmap_threshold_bytes: int = Field(
+        4 * 1024, ge=0, le=32 << 20,
+        description="glibc: while a model loads, allocations above this get their own mapping, so an "
+        "unloaded or swapped-out model gives its memory back; 0 leaves glibc's allocator alone.",
+    )  # fmt: skip
 
     @field_validator("models", mode="before")
     @classmethod
