@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
 import sys
@@ -302,7 +303,9 @@ def run(plan: SoakPlan, out: Path, max_batch_size: int = 8, max_wait_ms: float =
             log_tail = server.log_tail(2000)
     figures = summarize_run(raw, plan)
     settings = asdict(plan) | {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "models": list(MODELS),
-                               "swapped": SWAPPED, "swap_folders": list(SWAP_FOLDERS)}  # fmt: skip
+                               "swapped": SWAPPED, "swap_folders": list(SWAP_FOLDERS),
+                               # the server inherits the environment: an allocator preloaded there is its allocator
+                               "ld_preload": os.environ.get("LD_PRELOAD")}  # fmt: skip
     report = new_report(out.stem, settings)
     report["figures"] = figures
     if figures["problems"]:
