@@ -87,6 +87,20 @@ class QueueFullError(ServerError):
     error_type = "rate_limit_error"
 
 
+class ImageStoreFullError(ServerError):
+    """Other clients' unexpired images fill the store (HTTP 503 with Retry-After)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class ClientShareError(ServerError):
+    """One request's images exceed a client's share of the store (HTTP 429)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
 class ShuttingDownError(ServerError):
     """The server received SIGTERM and takes no new work (HTTP 503)."""
 

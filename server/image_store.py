@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from flashstep.server.errors import ServerError
+from flashstep.server.errors import ClientShareError, ImageStoreFullError
 
 # Bookkeeping each image costs besides its bytes (dict entries, or a file's inode and directory
 # entry); without it a client storing 100-byte images could hold millions of entries.
@@ -58,20 +58,6 @@ def is_valid_id(image_id: str) -> bool:
 
 def new_id() -> str:
     return secrets.token_urlsafe(ID_BYTES)
-
-
-class ImageStoreFullError(ServerError):
-    """Other clients' unexpired images fill the store (HTTP 503 with Retry-After)."""
-
-    status_code = 503
-    error_type = "service_unavailable"
-
-
-class ClientShareError(ServerError):
-    """One request's images exceed a client's share of the store (HTTP 429)."""
-
-    status_code = 429
-    error_type = "rate_limit_error"
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,11 @@ import os
 
 import pytest
 
+from flashstep.server.errors import ClientShareError, ImageStoreFullError
 from flashstep.server.image_store import (
     ENTRY_OVERHEAD_BYTES,
-    ClientShareError,
     DirectoryImageStore,
     ImageStore,
-    ImageStoreFullError,
     Limits,
     MemoryImageStore,
     is_valid_id,
