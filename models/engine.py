@@ -54,7 +54,7 @@ from flashstep.models.outputs import GenerationRequest, GenerationResult, StageT
 from flashstep.models.prompts import DEFAULT_EMBEDDING_CACHE_BYTES, PromptEncoder
 from flashstep.models.registry import allowed_roots, is_bare_name, resolve
 from flashstep.models.schedule import NoiseSchedule, cpu_generators, randn_per_sample
-from flashstep.models.validation import ModelLimits, validate_request
+from flashstep.models.validation import ModelLimits, batch_key, validate_request
 
 logger = logging.getLogger("flashstep.models")
 
@@ -320,14 +320,7 @@ class Engine:
 
     def batch_key(self, request: GenerationRequest) -> tuple:
         """Requests with equal keys can share one `generate` call (one UNet batch)."""
-        r = self.validate(request)
-        return self._key(r)
-
-    @staticmethod
-    def _key(r: GenerationRequest) -> tuple:
-        cfg_on = r.guidance_scale > 1.0
-        nasa_on = bool(r.negative_prompt) and r.nasa_alpha > 0.0
-        return (r.num_inference_steps, r.height, r.width, cfg_on, r.hybrid, nasa_on, r.tiny_decoder)
+        return batch_key(self.validate(request))
 
     # ----- generation -----
 
@@ -336,7 +329,7 @@ class Engine:
         if not requests:
             raise InvalidRequestError("requests", "`requests` must hold at least one request but is empty")
         reqs = [self.validate(r) for r in requests]
-        keys = {self._key(r) for r in reqs}
+        keys = {batch_key(r) for r in reqs}
         if len(keys) > 1:
             raise InvalidRequestError(
                 "requests", f"requests in one generate() call must share a batch_key but have {sorted(keys, key=str)}"

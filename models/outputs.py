@@ -46,6 +46,7 @@ class GenerationResult:
     """Images for a batch of requests, in request order, and what they cost.
 
     unet_evals: UNet forward passes per image (a CFG step counts two, as papers count NFEs).
+    served_by: which worker process or replica ran the batch ("" when it ran in the caller's process).
     """
 
     images: list[Image.Image]
@@ -53,3 +54,4 @@ class GenerationResult:
     unet_evals: int = 0
     batch_size: int = 1
     model_version: str = ""
+    served_by: str = ""

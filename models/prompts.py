@@ -162,6 +162,40 @@ class PromptCache:
             self._pinned.clear()
 
 
+class TokenCounter:
+    """Token counts of texts by one checkpoint's tokenizer(s), behind a byte-bounded LRU.
+
+    Needs the tokenizers only, not the text encoders, so a process that validates requests
+    without running the model (the HTTP process in front of engine worker processes) counts
+    tokens exactly as the engine does.
+    """
+
+    def __init__(
+        self, tokenizers: Sequence, cache_bytes: int = DEFAULT_TOKEN_COUNT_CACHE_BYTES, *, lock: threading.Lock | None = None
+    ) -> None:
+        self.tokenizers = tokenizers if isinstance(tokenizers, list) else list(tokenizers)  # shared with the encoder
+        # LRU-bounded like the embedding cache: a served prompt is counted when the request is
+        # validated, again when its batch is built and again in `Engine.generate`; tokenizing it
+        # each time cost a batch about 5% of its time (py-spy, batch 8, one-step model).
+        # Only prompts within `max_tokens` are kept: a refused prompt is never seen again.
+        self.counts: ByteBoundedLRU[int] = ByteBoundedLRU(
+            cache_bytes, lambda text, n: text_bytes(text) + ENTRY_OVERHEAD_BYTES, name="token_cache_bytes"
+        )
+        self._lock = lock or threading.Lock()
+        # Tokens a prompt may use besides the start and end tokens.
+        self.max_tokens = min(int(tok.model_max_length) for tok in self.tokenizers) - 2
+
+    def count(self, text: str) -> int:
+        """Tokens of `text` without the start/end tokens (the longest count over the tokenizers)."""
+        with self._lock:
+            n = self.counts.get(text)
+            if n is None:
+                n = max(len(tok(text, add_special_tokens=False).input_ids) for tok in self.tokenizers)
+                if n <= self.max_tokens:
+                    self.counts.put(text, n)
+            return n
+
+
 class PromptEncoder:
     """Tokenizer(s) and text encoder(s) of one checkpoint; `encode` serves from the cache first.
 
@@ -183,27 +217,15 @@ class PromptEncoder:
         self.sdxl = sdxl
         self.device = device
         self.cache = PromptCache(cache_bytes)
-        # Token counts, LRU-bounded like the cache: a served prompt is counted when the request is
-        # validated, again when its batch is built and again in `Engine.generate`; tokenizing it
-        # each time cost a batch about 5% of its time (py-spy, batch 8, one-step model).
-        # Only prompts within `max_tokens` are kept: a refused prompt is never seen again.
-        self.token_counts: ByteBoundedLRU[int] = ByteBoundedLRU(
-            token_cache_bytes, lambda text, n: text_bytes(text) + ENTRY_OVERHEAD_BYTES, name="token_cache_bytes"
-        )
         # Fast tokenizers reconfigure padding/truncation per call and are not safe across threads.
         self._tokenizer_lock = threading.Lock()
-        # Tokens a prompt may use besides the start and end tokens.
-        self.max_tokens = min(int(tok.model_max_length) for tok in self.tokenizers) - 2
+        self.counter = TokenCounter(self.tokenizers, token_cache_bytes, lock=self._tokenizer_lock)
+        self.token_counts = self.counter.counts
+        self.max_tokens = self.counter.max_tokens  # tokens a prompt may use besides start and end
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` without the start/end tokens (the longest count over the tokenizers)."""
-        with self._tokenizer_lock:
-            n = self.token_counts.get(text)
-            if n is None:
-                n = max(len(tok(text, add_special_tokens=False).input_ids) for tok in self.tokenizers)
-                if n <= self.max_tokens:
-                    self.token_counts.put(text, n)
-            return n
+        return self.counter.count(text)
 
     def encode(self, texts: Sequence[str]) -> list[PromptEmbedding]:
         """One embedding per text; texts not yet cached are encoded together and cached."""

@@ -177,3 +177,12 @@ def _check_negative_prompt_is_used(guidance: float, alpha: float, model: ModelLi
         f"{where} (the family takes no classifier-free guidance, so only NASA reads it): "
         "set `nasa_alpha` in (0, 1] or leave `negative_prompt` out",
     )
+
+
+def batch_key(request: GenerationRequest) -> tuple:
+    """What must be equal for validated requests to share one forward pass: steps, size, CFG on,
+    hybrid, NASA on, decoder. Prompts, seeds and guidance values may differ within a batch.
+    """
+    cfg_on = request.guidance_scale > 1.0
+    nasa_on = bool(request.negative_prompt) and request.nasa_alpha > 0.0
+    return (request.num_inference_steps, request.height, request.width, cfg_on, request.hybrid, nasa_on, request.tiny_decoder)

@@ -6,6 +6,11 @@
 Models load in a background thread started by the lifespan, so /healthz answers during a long
 load and /readyz tells a load balancer when to send traffic. On shutdown the batcher runs what
 is queued before the engines close.
+
+With `workers` > 0 (the default) inference runs in engine worker processes
+(server/worker_pool.py): the lifespan's loader thread starts them before loading the models, and
+the model manager's engines are their `RemoteEngine`s. `workers=0` keeps every engine in this
+process (debugging, and tests that reach into an engine).
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ from flashstep.server.model_manager import EngineLoader, ModelManager, registry_
 from flashstep.server.request_origin import RequestOrigin
 from flashstep.server.routes import admin, generate, health, images, playground
 from flashstep.server.settings import Settings
+from flashstep.server.worker_pool import WorkerPool, default_threads, default_worker_count
+from flashstep.server.worker_process import WorkerOptions
 
 logger = logging.getLogger("flashstep.server")
+WORKER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(processName)s %(message)s"
 
 
 def startup_models(settings: Settings) -> list[str]:
@@ -59,10 +67,15 @@ def default_model(settings: Settings, names: list[str]) -> str | None:
     return SHIPPED_DEFAULT_MODEL if SHIPPED_DEFAULT_MODEL in names else None
 
 
-def load_startup_models(settings: Settings, manager: ModelManager, lifecycle: Lifecycle) -> None:
-    """Load and warm every start-up model, then mark the server ready (or failed, with why)."""
+def load_startup_models(
+    settings: Settings, manager: ModelManager, lifecycle: Lifecycle, pool: WorkerPool | None = None
+) -> None:
+    """Start the worker processes, load and warm every start-up model, then mark the server ready
+    (or failed, with why)."""
     lifecycle.set(Phase.LOADING)
     try:
+        if pool is not None:
+            pool.start()
         names = startup_models(settings)
         if not names:
             raise RuntimeError(f"no models to serve: the models root {settings.models_root or '(shipped)'} holds none")
@@ -78,15 +91,40 @@ def load_startup_models(settings: Settings, manager: ModelManager, lifecycle: Li
     logger.info("ready: models=%s default=%s", manager.names(), manager.default)
 
 
+def worker_pool(settings: Settings, metrics: Metrics, loader: EngineLoader) -> WorkerPool | None:
+    """The engine worker processes `settings` ask for (not started), or None for in-process engines."""
+    count = default_worker_count() if settings.workers is None else settings.workers
+    if count == 0:
+        return None
+    devices: tuple[str | None, ...] = (settings.device,)
+    if settings.device is None and count > 1 and default_worker_count() > 1:
+        devices = tuple(f"cuda:{i}" for i in range(default_worker_count()))  # one worker per GPU
+    options = WorkerOptions(
+        loader=loader,
+        models_root=Path(settings.models_root) if settings.models_root else None,
+        devices=devices,
+        threads=settings.worker_threads or default_threads(count),
+        malloc_mmap_threshold_bytes=settings.malloc_mmap_threshold_bytes,
+        log_level=settings.log_level,
+        log_format=WORKER_LOG_FORMAT,
+    )
+    pool = WorkerPool(count, options, metrics=metrics, acquire_timeout_s=settings.request_timeout_s)
+    metrics.watch_workers(pool.pids)
+    metrics.worker_processes.set_function(lambda: pool.serving)
+    return pool
+
+
 def create_app(settings: Settings, *, engine_loader: EngineLoader | None = None) -> FastAPI:
-    """Build the flashstep app. `engine_loader` replaces `models.registry` (tests only)."""
+    """Build the flashstep app. `engine_loader` replaces `models.registry` (tests only); with worker
+    processes it runs in them, so it must be a picklable module-level function."""
     metrics = Metrics(settings.max_batch_size)
     lifecycle = Lifecycle()
+    pool = worker_pool(settings, metrics, engine_loader or registry_loader)
     manager = ModelManager(
         models_root=Path(settings.models_root) if settings.models_root else None,
         metrics=metrics,
-        loader=engine_loader or registry_loader,
-        device=settings.device,
+        loader=pool.load_engine if pool is not None else (engine_loader or registry_loader),
+        device=settings.device if pool is None else None,  # each worker's device is its own (WorkerOptions)
         dtype=settings.dtype,
         attention_backend=settings.attention_backend,
         warmup=settings.warmup,
@@ -102,13 +140,15 @@ def create_app(settings: Settings, *, engine_loader: EngineLoader | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = threading.Thread(
-            target=load_startup_models, args=(settings, manager, lifecycle), name="flashstep-model-loader", daemon=True
+            target=load_startup_models, args=(settings, manager, lifecycle, pool), name="flashstep-model-loader", daemon=True
         )
         loader.start()
         yield
         lifecycle.begin_shutdown()
         await run_in_threadpool(batcher.stop, settings.graceful_shutdown_s)
         await run_in_threadpool(manager.close_all)
+        if pool is not None:
+            await run_in_threadpool(pool.stop)
         logger.info("shut down")
 
     app = FastAPI(
@@ -122,6 +162,7 @@ def create_app(settings: Settings, *, engine_loader: EngineLoader | None = None)
     app.state.lifecycle = lifecycle
     app.state.manager = manager
     app.state.batcher = batcher
+    app.state.pool = pool
     app.state.image_store = open_image_store(
         max_bytes=settings.image_store_bytes,
         client_share=settings.image_store_client_share,

@@ -1,7 +1,10 @@
 """Dynamic batching: requests that can share a forward pass run as one `Engine.generate` call.
 
-One worker thread per device owns that device: it takes the group whose oldest request has
-waited longest, lets it fill up to `max_batch_size` images or `max_wait_ms`, and runs it. Groups
+Worker threads per device own that device: one takes the group whose oldest request has
+waited longest, lets it fill up to `max_batch_size` images or `max_wait_ms`, and runs it. A
+device runs one batch at a time, except a pool of engine worker processes
+(server/worker_pool.py), which runs one batch per process: its engines say how many
+(`max_concurrent_batches`), and that many threads take batches for it. Groups
 are keyed by (model name, `engine.batch_key(request)`) -- family, steps, size, guidance mode --
 so one batch never mixes what the engine cannot share. Each image has its own future and its
 own seed; the engine's batch invariance makes an image independent of its batch-mates.
@@ -53,8 +56,10 @@ from flashstep.server.errors import (
     OutOfMemoryFailure,
     QueueFullError,
     RequestTimeoutError,
+    ServerError,
     ShuttingDownError,
 )
+from flashstep.server.image_encoding import EncodedImage, ImageEncoding
 from flashstep.server.metrics import Metrics
 from flashstep.server.model_manager import LoadedModel, ModelManager
 
@@ -79,11 +84,23 @@ def empty_device_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def _run_engine(engine, group: list[WorkItem]) -> GenerationResult:
+    """One engine call for `group`; an engine in another process also gets each image's encoding."""
+    requests = [item.request for item in group]
+    if getattr(engine, "encodes_images", False):
+        return engine.generate(requests, encodings=[item.encoding for item in group])
+    return engine.generate(requests)
+
+
 @dataclass
 class ImageOutcome:
-    """One generated image and how it was made."""
+    """One generated image and how it was made.
 
-    image: Image.Image
+    `image` is a PIL image from an in-process engine, or bytes already encoded by the worker
+    process that made it; `served_by` names that worker ("" in-process).
+    """
+
+    image: Image.Image | EncodedImage
     seed: int
     model: str
     model_version: str
@@ -91,6 +108,7 @@ class ImageOutcome:
     batch_size: int
     timings: StageTimings
     unet_evals: int
+    served_by: str = ""
 
 
 @dataclass(eq=False)
@@ -108,6 +126,7 @@ class WorkItem:
     key: Hashable
     deadline: float
     admitted: LoadedModel | None = None  # the engine it was queued for; runs there after an unload
+    encoding: ImageEncoding = field(default_factory=ImageEncoding)  # for engines that encode where they run
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
     # Set by the worker on arrival: waiting `max_wait_ms` for batch-mates would only add latency.
@@ -115,32 +134,54 @@ class WorkItem:
 
 
 class _DeviceWorker:
-    """The thread that owns one device and the groups of work queued for it."""
+    """The threads that own one device and the groups of work queued for it.
 
-    def __init__(self, device: str, batcher: Batcher):
+    `concurrency` threads take batches from the same groups: 1 for a device, one per process
+    for a pool of engine worker processes.
+    """
+
+    def __init__(self, device: str, batcher: Batcher, concurrency: int = 1):
         self.device = device
+        self.concurrency = concurrency
         self._batcher = batcher
         self._groups: dict[Hashable, deque[WorkItem]] = {}
         self._cond = threading.Condition()
         self._stopping = False
-        self._running = False  # a batch is on the device now
+        self._running = 0  # batches on the device now
         self._last_arrival = -math.inf
         self.restarts = 0
-        self.thread = self._new_thread()
+        self.threads = [self._new_thread(slot) for slot in range(concurrency)]
 
-    def _new_thread(self) -> threading.Thread:
-        return threading.Thread(target=self._run, name=f"flashstep-batcher-{self.device}", daemon=True)
+    def _new_thread(self, slot: int) -> threading.Thread:
+        suffix = "" if self.concurrency == 1 else f"-{slot}"
+        return threading.Thread(target=self._run, name=f"flashstep-batcher-{self.device}{suffix}", daemon=True)
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def dead_slots(self) -> list[int]:
+        """Threads that were started and ended though nobody asked them to stop."""
+        if self._stopping:
+            return []
+        return [i for i, t in enumerate(self.threads) if t.ident is not None and not t.is_alive()]
 
     @property
     def dead(self) -> bool:
-        """The thread was started and has ended though nobody asked it to stop."""
-        return self.thread.ident is not None and not self.thread.is_alive() and not self._stopping
+        return bool(self.dead_slots())
+
+    def join(self, timeout: float) -> bool:
+        """Wait for every thread to end; False if one still runs after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self.threads)
 
     def put(self, items: list[WorkItem]) -> None:
         """Queue items. Two arrivals skip the fill wait, because waiting cannot help them:
 
-        - one arriving while a batch runs has already waited for the device, so when it frees
-          the worker takes whatever has queued by then (up to `max_batch_size`) at once;
+        - one arriving while every slot runs a batch has already waited for the device, so when
+          one frees the worker takes whatever has queued by then (up to `max_batch_size`) at once;
         - a lone request into a quiet server (nothing queued, no arrival within `max_wait_ms`)
           runs at once: at low load the wait buys no batch-mates, only latency.
         Under load requests queue behind running batches, so batches still fill.
@@ -149,15 +190,15 @@ class _DeviceWorker:
             now = time.monotonic()
             quiet = not self._groups and now - self._last_arrival > self._batcher.max_wait_s
             for item in items:
-                item.dispatch_at_once = self._running or (quiet and len(items) == 1)
+                item.dispatch_at_once = self._running >= self.concurrency or (quiet and len(items) == 1)
                 self._groups.setdefault((item.model, item.key), deque()).append(item)
             self._last_arrival = now
-            self._cond.notify()
+            self._cond.notify_all()  # every slot thread re-checks the groups
 
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
-            self._cond.notify()
+            self._cond.notify_all()  # every slot thread re-checks the groups
 
     def _next_batch(self) -> list[WorkItem] | None:
         """Block until a batch is due; None once stopping and drained."""
@@ -179,13 +220,13 @@ class _DeviceWorker:
                     if not queue:
                         del self._groups[key]
                     self._batcher._dequeued(len(batch))
-                    self._running = True
+                    self._running += 1
                     return batch
                 self._cond.wait(timeout=max_wait - waited)
 
     def _finish_batch(self) -> None:
         with self._cond:
-            self._running = False
+            self._running -= 1
 
     def _run(self) -> None:
         try:
@@ -194,8 +235,6 @@ class _DeviceWorker:
             # A bug outside any one batch (taking work, bookkeeping): this thread ends; what is
             # still queued waits for the restart (Batcher._revive), which keeps the queue.
             logger.exception("device worker died: device=%s", self.device)
-            with self._cond:
-                self._running = False
             self._batcher._worker_died(self)
 
     def _loop(self) -> None:
@@ -244,9 +283,16 @@ class Batcher:
             return self._pending
 
     def submit(
-        self, handle: LoadedModel, raws: list[GenerationRequest], requests: list[GenerationRequest], timeout_s: float
+        self,
+        handle: LoadedModel,
+        raws: list[GenerationRequest],
+        requests: list[GenerationRequest],
+        timeout_s: float,
+        encoding: ImageEncoding | None = None,
     ) -> list[Future]:
         """Queue validated `requests` (one image each) for `handle`'s model; one future per image.
+
+        `encoding` travels with each image to engines that encode where they run (worker processes).
 
         Raises QueueFullError when they would take the queue past `queue_limit`, and
         ShuttingDownError once `stop` was called.
@@ -254,7 +300,10 @@ class Batcher:
         engine = handle.engine
         deadline = time.monotonic() + timeout_s
         items = [
-            WorkItem(handle.name, raw, req, handle.serial, engine.batch_key(req), deadline, admitted=handle)
+            WorkItem(
+                handle.name, raw, req, handle.serial, engine.batch_key(req), deadline, admitted=handle,
+                encoding=encoding or ImageEncoding(),
+            )  # fmt: skip
             for raw, req in zip(raws, requests, strict=True)
         ]
         if len(items) > self.queue_limit:  # could never fit: retrying would not help
@@ -275,8 +324,9 @@ class Batcher:
             self.metrics.queue_depth.set(self._pending)
             worker = self._workers.get(device)
             if worker is None:
-                worker = self._workers[device] = _DeviceWorker(device, self)
-                worker.thread.start()
+                concurrency = int(getattr(engine, "max_concurrent_batches", 1))
+                worker = self._workers[device] = _DeviceWorker(device, self, concurrency)
+                worker.start()
             elif worker.dead:
                 self._revive_locked(worker)
             # Admitted: the engine stays open until each of these is done, even if unloaded meanwhile.
@@ -305,10 +355,11 @@ class Batcher:
                 self._revive_locked(worker)
 
     def _revive_locked(self, worker: _DeviceWorker) -> None:
-        worker.restarts += 1
-        worker.thread = worker._new_thread()
-        worker.thread.start()
-        self.metrics.worker_restarts.labels(worker.device).inc()
+        for slot in worker.dead_slots():
+            worker.restarts += 1
+            worker.threads[slot] = worker._new_thread(slot)
+            worker.threads[slot].start()
+            self.metrics.worker_restarts.labels(worker.device).inc()
         logger.warning("device worker restarted: device=%s restarts=%d", worker.device, worker.restarts)
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -320,8 +371,7 @@ class Batcher:
             worker.stop()
         deadline = time.monotonic() + timeout_s
         for worker in workers:
-            worker.thread.join(timeout=max(0.0, deadline - time.monotonic()))
-            if worker.thread.is_alive():
+            if not worker.join(max(0.0, deadline - time.monotonic())):
                 logger.warning("batch worker still running at shutdown: device=%s", worker.device)
 
     # ----- called from worker threads -----
@@ -395,7 +445,7 @@ class Batcher:
         """Run `group` in one engine call; on an error, isolate the requests that cause it."""
         started = time.monotonic()
         try:
-            result = handle.engine.generate([item.request for item in group])
+            result = _run_engine(handle.engine, group)
             if len(result.images) != len(group):
                 raise RuntimeError(f"engine returned {len(result.images)} images for {len(group)} requests")
         except NonFiniteOutputError as exc:
@@ -455,6 +505,8 @@ class Batcher:
             )
         elif isinstance(exc, FlashstepError):  # e.g. InvalidRequestError found late: the client's fault (4xx)
             error = exc
+        elif isinstance(exc, ServerError):  # e.g. its worker process died and no other could take it (503)
+            error = exc
         elif is_out_of_memory(exc):
             logger.warning("out of memory for a single request: model=%s serial=%d", handle.name, handle.serial)
             retry = self._retry_after()
@@ -489,6 +541,7 @@ class Batcher:
                     batch_size=len(group),
                     timings=result.timings,
                     unet_evals=result.unet_evals,
+                    served_by=result.served_by,
                 )
             )
 

@@ -17,6 +17,7 @@ from flashstep.server.metrics import Metrics
 from flashstep.server.model_manager import ModelManager
 from flashstep.server.request_origin import RequestOrigin
 from flashstep.server.settings import Settings
+from flashstep.server.worker_pool import WorkerPool
 
 _bearer = HTTPBearer(auto_error=False, description="The server's admin token (FLASHSTEP_ADMIN_TOKEN).")
 
@@ -35,6 +36,11 @@ def get_batcher(request: Request) -> Batcher:
 
 def get_generation(request: Request) -> GenerationService:
     return request.app.state.generation
+
+
+def get_pool(request: Request) -> WorkerPool | None:
+    """The engine worker processes, or None when engines run in this process."""
+    return getattr(request.app.state, "pool", None)
 
 
 def get_image_store(request: Request) -> ImageStore:
@@ -74,3 +80,4 @@ ImageStoreDep = Annotated[ImageStore, Depends(get_image_store)]
 OriginDep = Annotated[RequestOrigin, Depends(get_origin)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 LifecycleDep = Annotated[Lifecycle, Depends(get_lifecycle)]
+PoolDep = Annotated[WorkerPool | None, Depends(get_pool)]

@@ -4,7 +4,7 @@
           -> GenerationService.generate(model, requests)
                in a worker thread: lease the model, check size, engine.validate, Batcher.submit
                on the event loop: await the futures (timeout, client gone)
-          -> encode_images (worker thread) -> response
+          -> encode_images (a thread; a no-op for images a worker process encoded) -> response
 
 Validation and submission happen under one lease, so a hot swap cannot slip between them.
 The pydantic schemas check a body's shape with the bounds of models/validation.py; the engine's
@@ -14,14 +14,12 @@ The pydantic schemas check a body's shape with the bounds of models/validation.p
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import replace
 
 from fastapi import Request
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from flashstep.models.contract import EngineProtocol
@@ -30,13 +28,13 @@ from flashstep.models.outputs import GenerationRequest
 from flashstep.models.validation import MAX_SEED
 from flashstep.server.batcher import Batcher, ImageOutcome
 from flashstep.server.errors import NotReadyError, RequestTimeoutError, ServerError, ShuttingDownError
+from flashstep.server.image_encoding import EncodedImage, ImageEncoding, image_bytes
 from flashstep.server.lifecycle import Lifecycle, Phase
 from flashstep.server.model_manager import ModelManager
 from flashstep.server.schemas import GenerationOptions
 
 logger = logging.getLogger("flashstep.server")
 
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DISCONNECT_POLL_S = 0.25
 NO_MODEL_RETRY_AFTER_S = 5  # while no model serves: loading, or all unloaded until an admin loads one
 # The one field whose HTTP name differs from the engine's: GenerationRequest field -> route field.
@@ -82,27 +80,11 @@ def build_requests(prompt: str, options: GenerationOptions, n: int, **size: int 
     return [replace(base, seed=seed + i) for i in range(n)]
 
 
-# OpenAI's `output_compression`: 0-100, where 100 (its default) compresses least.
-DEFAULT_OUTPUT_COMPRESSION = 100
-
-
-def encode_image(image: Image.Image, output_format: str, compression: int | None = None) -> bytes:
-    """PNG, JPEG or WebP bytes of a PIL image.
-
-    `compression` has OpenAI's meaning, 0-100 with 100 the least compression, so it is the
-    encoder's quality; PNG is lossless and ignores it.
-    """
-    buffer = io.BytesIO()
-    if output_format == "png":
-        image.save(buffer, format="PNG")
-    else:
-        quality = DEFAULT_OUTPUT_COMPRESSION if compression is None else compression
-        image.convert("RGB").save(buffer, format=output_format.upper(), quality=quality)
-    return buffer.getvalue()
-
-
-async def encode_images(outcomes: list[ImageOutcome], output_format: str, compression: int | None) -> list[bytes]:
-    return await run_in_threadpool(lambda: [encode_image(o.image, output_format, compression) for o in outcomes])
+async def encode_images(outcomes: list[ImageOutcome], encoding: ImageEncoding) -> list[bytes]:
+    """Each outcome's bytes; images encoded where they were made (a worker process) are not touched again."""
+    if all(isinstance(o.image, EncodedImage) and o.image.encoding == encoding for o in outcomes):
+        return [o.image.data for o in outcomes]
+    return await run_in_threadpool(lambda: [image_bytes(o.image, encoding) for o in outcomes])
 
 
 class GenerationService:
@@ -120,17 +102,19 @@ class GenerationService:
         requests: list[GenerationRequest],
         http_request: Request,
         *,
+        encoding: ImageEncoding | None = None,
         check: Callable[[EngineProtocol], None] | None = None,
         field_names: dict[str, str] | None = None,
     ) -> list[ImageOutcome]:
         """Images for `requests` from `model` (the default when None), in request order.
 
-        `check(engine)` runs first, for route-level checks against the model (e.g. `size`);
-        `field_names` renames engine fields in validation errors to the route's names.
+        `encoding` is how the client wants the images, so an engine in another process can encode
+        them there; `check(engine)` runs first, for route-level checks against the model (e.g.
+        `size`); `field_names` renames engine fields in validation errors to the route's names.
         """
         self._refuse_when_not_serving()
         names = {**API_FIELD_NAMES, **(field_names or {})}
-        futures = await run_in_threadpool(self._submit, model, requests, check, names)
+        futures = await run_in_threadpool(self._submit, model, requests, encoding or ImageEncoding(), check, names)
         return await self._wait(futures, http_request)
 
     async def count_tokens(self, model: str | None, texts: list[str]) -> int:
@@ -156,7 +140,7 @@ class GenerationService:
         # Ready, but every model was unloaded: a condition of the server, not a wrong model name.
         raise NotReadyError("no model is loaded; an operator can load one with POST /admin/models", headers=retry)
 
-    def _submit(self, model, requests, check, names):
+    def _submit(self, model, requests, encoding, check, names):
         with self.manager.lease(model) as handle:
             engine = handle.engine
             try:
@@ -168,7 +152,7 @@ class GenerationService:
                 if field == exc.field:
                     raise
                 raise InvalidRequestError(field, str(exc)) from exc
-            return self.batcher.submit(handle, requests, validated, self.request_timeout_s)
+            return self.batcher.submit(handle, requests, validated, self.request_timeout_s, encoding)
 
     async def _wait(self, futures, http_request: Request) -> list[ImageOutcome]:
         waiting = [asyncio.wrap_future(f) for f in futures]
@@ -217,7 +201,7 @@ def timing_headers(outcomes: list[ImageOutcome]) -> dict[str, str]:
             ("decode", first.timings.decode),
         )
     )
-    return {
+    headers = {
         "X-Flashstep-Model": first.model,
         "X-Flashstep-Model-Version": join(o.model_version for o in outcomes),
         "X-Flashstep-Seed": join(o.seed for o in outcomes),
@@ -229,3 +213,6 @@ def timing_headers(outcomes: list[ImageOutcome]) -> dict[str, str]:
         "X-Flashstep-Decode-Time": secs(o.timings.decode for o in outcomes),
         "Server-Timing": server_timing,
     }
+    if any(o.served_by for o in outcomes):  # which worker process or replica made each image
+        headers["X-Flashstep-Worker"] = join(o.served_by or "-" for o in outcomes)
+    return headers

@@ -5,8 +5,9 @@ Names follow Prometheus conventions: `_total` counters, `_seconds` histograms, b
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -75,6 +76,13 @@ class Metrics:
             "flashstep_worker_restarts_total", "Device worker threads restarted after they died, by device.",
             ["device"], registry=r,
         )
+        self.worker_process_restarts = Counter(
+            "flashstep_worker_process_restarts_total", "Engine worker processes replaced after they died, by worker.",
+            ["worker"], registry=r,
+        )
+        self.worker_processes = Gauge(
+            "flashstep_worker_processes_serving", "Engine worker processes able to take a batch.", registry=r
+        )
         self.non_finite_outputs = Counter(
             "flashstep_non_finite_outputs_total", "Images refused for NaN or Inf values, by model.", ["model"], registry=r
         )
@@ -94,10 +102,42 @@ class Metrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         r.register(CudaMemoryCollector())
+        self._worker_memory = WorkerMemoryCollector()
+        r.register(self._worker_memory)
+
+    def watch_workers(self, pids: Callable[[], list[tuple[str, int]]]) -> None:
+        """Report the resident memory of engine worker processes (`pids` gives (name, pid) pairs)."""
+        self._worker_memory.pids = pids
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class WorkerMemoryCollector(Collector):
+    """Resident memory of each engine worker process, read from /proc at scrape time.
+
+    The process collector sees only the HTTP process; a leak in a worker shows here. One label,
+    the worker's name (bounded by the worker count).
+    """
+
+    def __init__(self) -> None:
+        self.pids: Callable[[], list[tuple[str, int]]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.pids is None:
+            return
+        family = GaugeMetricFamily(
+            "flashstep_worker_resident_memory_bytes", "Resident memory of each engine worker process.", labels=["worker"]
+        )
+        page = os.sysconf("SC_PAGE_SIZE")
+        for name, pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/statm") as statm:
+                    family.add_metric([name], float(int(statm.read().split()[1]) * page))
+            except (OSError, ValueError, IndexError):
+                continue  # exited between listing and reading, or no /proc
+        yield family
 
 
 class CudaMemoryCollector(Collector):

@@ -70,11 +70,37 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, description="Largest request line plus headers; past it, uvicorn answers 400."
     )
+    workers: int | None = Field(
+        None, ge=0, le=64,
+        description="Engine worker processes running inference (one per GPU; on a CPU, how many). "
+        "0 runs inference in the HTTP process. Default: one per CUDA device, else 1.",
+    )  # fmt: skip
+    worker_threads: int | None = Field(
+        None, ge=1, le=256, description="torch CPU threads per worker process. Default: the cores, shared out among the workers."
+    )
+    ray: bool = Field(False, description="Serve on Ray Serve (ingress and engine deployments) instead of one process tree.")
+    ray_replicas: int = Field(1, ge=1, le=256, description="Ray Serve: engine replicas per model (the autoscaler's starting and minimum count).")
+    ray_max_replicas: int | None = Field(
+        None, ge=1, le=1024, description="Ray Serve: most engine replicas per model the autoscaler may run. Default: ray_replicas."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray Serve: address of the cluster to join (e.g. ray://head:10001 or auto). Default: start a local one."
+    )
+    ray_cpus_per_replica: float = Field(1.0, gt=0, description="Ray Serve: CPUs reserved per engine replica.")
+    ray_gpus_per_replica: float = Field(0.0, ge=0, description="Ray Serve: GPUs reserved per engine replica.")
     malloc_mmap_threshold_bytes: int = Field(
         4 * 1024, ge=0, le=32 << 20,
         description="glibc: while a model loads, allocations above this get their own mapping, so an "
         "unloaded or swapped-out model gives its memory back; 0 leaves glibc's allocator alone.",
     )  # fmt: skip
+
+    @field_validator("ray_max_replicas")
+    @classmethod
+    def _max_at_least_min(cls, value: int | None, info) -> int | None:
+        replicas = info.data.get("ray_replicas", 1)
+        if value is not None and value < replicas:
+            raise ValueError(f"`ray_max_replicas` must be >= ray_replicas ({replicas}) but is {value}")
+        return value
 
     @field_validator("models", mode="before")
     @classmethod

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request, Response
 
 from flashstep.server.dependencies import GenerationDep
 from flashstep.server.errors import error_responses
-from flashstep.server.generation import MEDIA_TYPES, build_requests, encode_images, timing_headers
+from flashstep.server.generation import build_requests, encode_images, timing_headers
+from flashstep.server.image_encoding import MEDIA_TYPES, ImageEncoding
 from flashstep.server.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Timings
 
 router = APIRouter(tags=["native"])
@@ -35,8 +36,9 @@ async def generate(
     (seconds), and Server-Timing.
     """
     requests = build_requests(body.prompt, body, body.n, height=body.height, width=body.width)
-    outcomes = await service.generate(body.model, requests, request)
-    encoded = await encode_images(outcomes, body.output_format, body.output_compression)
+    encoding = ImageEncoding(body.output_format, body.output_compression)
+    outcomes = await service.generate(body.model, requests, request, encoding=encoding)
+    encoded = await encode_images(outcomes, encoding)
     headers = timing_headers(outcomes)
     if body.n == 1:
         return Response(encoded[0], media_type=MEDIA_TYPES[body.output_format], headers=headers)

@@ -13,7 +13,8 @@ from flashstep.models.contract import EngineProtocol
 from flashstep.models.errors import InvalidRequestError
 from flashstep.server.dependencies import GenerationDep, ImageStoreDep, ManagerDep, OriginDep
 from flashstep.server.errors import error_body, error_responses
-from flashstep.server.generation import MEDIA_TYPES, build_requests, encode_images, timing_headers
+from flashstep.server.generation import build_requests, encode_images, timing_headers
+from flashstep.server.image_encoding import MEDIA_TYPES, ImageEncoding
 from flashstep.server.image_store import is_valid_id
 from flashstep.server.schemas import (
     ImageData,
@@ -68,14 +69,16 @@ async def create_images(
     dims = parse_size(body.size)
     width, height = dims if dims else (None, None)
     requests = build_requests(body.prompt, body, body.n, height=height, width=width)
+    encoding = ImageEncoding(body.output_format, body.output_compression)
     outcomes = await service.generate(
         body.model,
         requests,
         request,
+        encoding=encoding,
         check=_check_size(body.size),
         field_names={"height": "size", "width": "size"},
     )
-    encoded = await encode_images(outcomes, body.output_format, body.output_compression)
+    encoded = await encode_images(outcomes, encoding)
     image_ids: list[str] = []
     if body.response_format == "url":
         # All of the response's images or none (429/503): a url handed out is never already dead.

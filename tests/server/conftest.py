@@ -1,7 +1,9 @@
 """Fixtures of the server tests: tiny random checkpoints and real uvicorn servers on 127.0.0.1.
 
 Servers run in a thread of the test process (port 0: the OS picks a free one), so tests can
-reach into `app.state` to slow down or break an engine on purpose. Every wait is bounded:
+reach into `app.state` to slow down or break an engine on purpose. For that their engines run in
+the test process too (FLASHSTEP_WORKERS=0, set for every test here); test_engine_workers.py
+asks for worker processes explicitly. Every wait is bounded:
 tests wait on events, or poll a condition with `wait_until`, never for a fixed time.
 """
 
@@ -54,6 +56,14 @@ def _swiftbrush_config():
     from flashstep.models.flashstep_config import FlashstepConfig
 
     return FlashstepConfig(family="swiftbrush", default_steps=1, allowed_steps=(1,), resolution=64)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engines_in_process() -> Iterator[None]:
+    """Settings built by these tests default to in-process engines (explicit `workers=` still wins)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLASHSTEP_WORKERS", "0")
+        yield
 
 
 @pytest.fixture(scope="session")

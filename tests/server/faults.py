@@ -4,6 +4,8 @@
     OOM      generate raises torch.cuda.OutOfMemoryError (the device ran out of memory)
     INVALID  generate raises InvalidRequestError (a request error found late: the client's fault)
     NAN      that request's image comes out NaN
+    KILL     the process running the engine exits at once (only in an engine worker process; in the
+             test process itself it raises instead)
 
 A batch fails when any of its requests carries RAISE, OOM or INVALID, as a real engine's batch
 would. For NAN the wrapper poisons the real engine's VAE output (a forward hook), so the engine's
@@ -15,6 +17,8 @@ every batch larger than that many images run out of memory, as an over-full batc
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 from typing import Any
 
@@ -22,11 +26,13 @@ import torch
 
 from flashstep.models.errors import InvalidRequestError, NonFiniteOutputError
 from flashstep.models.outputs import GenerationRequest, GenerationResult
+from flashstep.server.model_manager import registry_loader
 
 RAISE = "[[raise]]"
 OOM = "[[oom]]"
 INVALID = "[[invalid]]"
 NAN = "[[nan]]"
+KILL = "[[kill]]"
 GATE_TIMEOUT_S = 30
 
 
@@ -49,6 +55,10 @@ class FaultInjectingEngine:
         if self.gate is not None and not self.gate.wait(timeout=GATE_TIMEOUT_S):
             raise RuntimeError("the test never opened the gate")
         prompts = [r.prompt for r in requests]
+        if any(KILL in p for p in prompts):
+            if multiprocessing.parent_process() is None:
+                raise RuntimeError("KILL only works in an engine worker process")
+            os._exit(70)  # as a segfault or the OOM killer would: no reply, no cleanup
         if any(INVALID in p for p in prompts):
             raise InvalidRequestError("prompt", "`prompt` holds a marker the model refuses (injected)")
         if any(RAISE in p for p in prompts):
@@ -87,3 +97,7 @@ class FaultInjectingLoader:
         engine = FaultInjectingEngine(self.loader(name_or_path, **kwargs), **self.fault_kwargs)
         self.engines.append(engine)
         return engine
+
+
+# A picklable loader for engine worker processes: the shipped registry loader behind the fault injector.
+faulty_registry_loader = FaultInjectingLoader(registry_loader)
