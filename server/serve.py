@@ -49,7 +49,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--keep-alive-timeout-s", type=int, help="close idle keep-alive connections after this (default 5)")
     add("--max-header-bytes", type=int, help="largest request line plus headers; past it, 400 (default 16384)")
     add("--workers", type=int, help="engine worker processes (one per GPU; on a CPU, how many); 0 runs inference in the HTTP process (default: one per GPU, else 1)")
-    add("--worker-threads", type=int, help="torch CPU threads per worker process (default: the cores shared out among workers)")
+    add("--worker-threads", type=int, help="torch CPU threads per worker process (default: the cores but one, shared out among workers)")
     add("--ray", action="store_true", default=None, help="serve on Ray Serve: an ingress and engine deployments (docs/scaling.md)")
     add("--replicas", dest="ray_replicas", type=int, help="Ray Serve: engine replicas per model, the autoscaler's minimum (default 1)")
     add("--max-replicas", dest="ray_max_replicas", type=int, help="Ray Serve: most engine replicas per model (default: --replicas)")

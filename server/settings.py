@@ -76,7 +76,7 @@ class Settings(BaseSettings):
         "0 runs inference in the HTTP process. Default: one per CUDA device, else 1.",
     )  # fmt: skip
     worker_threads: int | None = Field(
-        None, ge=1, le=256, description="torch CPU threads per worker process. Default: the cores, shared out among the workers."
+        None, ge=1, le=256, description="torch CPU threads per worker process. Default: the cores but one (the HTTP process's), shared out among the workers."
     )
     ray: bool = Field(False, description="Serve on Ray Serve (ingress and engine deployments) instead of one process tree.")
     ray_replicas: int = Field(1, ge=1, le=256, description="Ray Serve: engine replicas per model (the autoscaler's starting and minimum count).")

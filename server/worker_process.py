@@ -165,6 +165,8 @@ def worker_main(conn, index: int, options: WorkerOptions) -> None:
             reply = ("ok", worker.handle(command))
         except Exception as exc:
             logger.exception("command failed: worker=%s command=%s", worker.name, type(command).__name__)
+            if "out of memory" in str(exc).lower() and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # this process holds the cache: the smaller retry must fit here
             reply = ("fault", Fault.capture(exc))
         try:
             conn.send(reply)
