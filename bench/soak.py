@@ -12,7 +12,8 @@ unknown model, out-of-range fields). Every answer is recorded.
 
 What the run must show, per the targets below: every request answered (no connection error, no
 5xx), every valid request a 200 and every hostile one a 4xx, every swap a 200, and the server's
-RSS after the warm-up window growing by less than 5 % by the end. p50/p99 of valid requests per
+RSS (the server process and its engine worker processes) growing by less than 5 % from the
+warm-up's end to the end of the run, each end the median of a minute of samples under load. p50/p99 of valid requests per
 window and RSS over time go to the PNG. With `--swaps N` the run stops after N swaps, lets the
 server settle, and compares RSS with its baseline the same way.
 """
@@ -25,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -54,6 +56,7 @@ class SoakPlan:
     swap_every_s: float = 30.0
     swaps: int | None = None  # stop after this many swaps instead of at duration_s
     warmup_s: float = 60.0  # RSS baseline is taken at the end of this window
+    rss_window_s: float = 60.0  # baseline and final RSS: medians over this long at each end
     settle_s: float = 10.0  # after the last request, before the final RSS reading
     hostile_fraction: float = 0.25
     window_s: float = 30.0
@@ -62,7 +65,7 @@ class SoakPlan:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("duration_s", "swap_every_s", "window_s", "sample_every_s", "request_timeout_s"):
+        for name in ("duration_s", "swap_every_s", "window_s", "sample_every_s", "request_timeout_s", "rss_window_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be > 0 but is {getattr(self, name)}")
         if self.concurrency < 1:
@@ -129,12 +132,38 @@ def classify(kind: str, status: int | None, content: bytes) -> str | None:
 # ----- the run -----
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process descended from it (the server's engine worker processes), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited while listed
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the command name may hold spaces and ")"
+        parents.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += parents.get(current, [])
+    return tree
+
+
 def server_rss_bytes(pid: int) -> int:
-    """Resident memory of process `pid` (Linux /proc), bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    """Resident memory of the server: process `pid` and its worker processes (Linux /proc), bytes."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            lines = Path(f"/proc/{member}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:")), 0)
+    if total == 0:
+        raise RuntimeError(f"no VmRSS for process {pid}")
+    return total
 
 
 async def _drive(url: str, pid: int, plan: SoakPlan) -> dict:
@@ -208,9 +237,15 @@ def summarize_run(raw: dict, plan: SoakPlan) -> dict:
     problems = Counter(f"{kind}: {problem}" for _, kind, problem, _ in records if problem)
     kinds = Counter(kind for _, kind, _, _ in records)
     rss = raw["rss"]
+    # Levels, not single samples: RSS swings by a few percent with each swap (two engines held
+    # while the old one drains), so each end is the median of one window of samples under load.
     baseline_at = min(plan.warmup_s, raw["wall_s"] / 2)
-    baseline = next((value for t, value in rss if t >= baseline_at), rss[0][1])
-    final = rss[-1][1]
+    span = min(plan.rss_window_s, raw["wall_s"] / 4)
+    under_load = [(t, v) for t, v in rss if t <= raw["wall_s"]]
+    baseline = statistics.median(
+        [v for t, v in under_load if baseline_at <= t <= baseline_at + span] or [rss[0][1]]
+    )
+    final = statistics.median([v for t, v in under_load if t >= raw["wall_s"] - span] or [rss[-1][1]])
     windows = []
     n_windows = max(1, int(raw["wall_s"] // plan.window_s) + 1)
     for w in range(n_windows):
