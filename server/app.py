@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -29,7 +30,7 @@ from flashstep.server.batcher import Batcher
 from flashstep.server.edge import BodyLimitMiddleware
 from flashstep.server.errors import ErrorBoundaryMiddleware, install_error_handlers
 from flashstep.server.generation import GenerationService
-from flashstep.server.image_store import open_image_store
+from flashstep.server.image_store import ImageStore, open_image_store
 from flashstep.server.lifecycle import Lifecycle, Phase
 from flashstep.server.metrics import Metrics
 from flashstep.server.model_manager import EngineLoader, ModelManager, registry_loader
@@ -114,6 +115,54 @@ def worker_pool(settings: Settings, metrics: Metrics, loader: EngineLoader) -> W
     return pool
 
 
+def assemble_app(
+    settings: Settings,
+    *,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+    summary: str,
+    metrics: Metrics,
+    lifecycle: Lifecycle,
+    manager: Any,
+    batcher: Any,
+    generation: Any,
+    image_store: ImageStore,
+) -> FastAPI:
+    """The HTTP API over a set of services: the state the routes read, the error boundary, the edge
+    limits and the routers (admin only with a token).
+
+    One process (`create_app`) and the Ray Serve ingress (server/ray_ingress.py) pass their own
+    model manager, queue and generation service; everything a client sees is built here once.
+    """
+    app = FastAPI(title="flashstep", version=flashstep.__version__, summary=summary, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
+    app.state.manager = manager
+    app.state.batcher = batcher
+    app.state.generation = generation
+    app.state.image_store = image_store
+    app.state.origin = RequestOrigin(settings.public_url, settings.trusted_proxies)
+
+    install_error_handlers(app)
+    # Added first, so it runs inside the boundary: its 413/408/400 answers carry the request id.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_read_timeout_s=settings.body_read_timeout_s,
+        metrics=metrics,
+    )
+    app.add_middleware(ErrorBoundaryMiddleware, metrics=metrics)
+    app.include_router(images.router)
+    app.include_router(generate.router)
+    app.include_router(health.router)
+    app.include_router(playground.router)
+    if settings.admin_token is not None:
+        app.include_router(admin.router)
+    else:
+        logger.info("admin routes disabled: no admin token configured")
+    return app
+
+
 def create_app(settings: Settings, *, engine_loader: EngineLoader | None = None) -> FastAPI:
     """Build the flashstep app. `engine_loader` replaces `models.registry` (tests only); with worker
     processes it runs in them, so it must be a picklable module-level function."""
@@ -151,42 +200,22 @@ def create_app(settings: Settings, *, engine_loader: EngineLoader | None = None)
             await run_in_threadpool(pool.stop)
         logger.info("shut down")
 
-    app = FastAPI(
-        title="flashstep",
-        version=flashstep.__version__,
-        summary="One-step and few-step text-to-image diffusion, batched.",
-        lifespan=lifespan,
-    )
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.lifecycle = lifecycle
-    app.state.manager = manager
-    app.state.batcher = batcher
-    app.state.pool = pool
-    app.state.image_store = open_image_store(
+    image_store = open_image_store(
         max_bytes=settings.image_store_bytes,
         client_share=settings.image_store_client_share,
         ttl_s=settings.image_ttl_s,
         folder=settings.image_store_dir,
     )
-    app.state.origin = RequestOrigin(settings.public_url, settings.trusted_proxies)
-    app.state.generation = GenerationService(manager, batcher, lifecycle, settings.request_timeout_s)
-
-    install_error_handlers(app)
-    # Added first, so it runs inside the boundary: its 413/408/400 answers carry the request id.
-    app.add_middleware(
-        BodyLimitMiddleware,
-        max_body_bytes=settings.max_body_bytes,
-        body_read_timeout_s=settings.body_read_timeout_s,
+    app = assemble_app(
+        settings,
+        lifespan=lifespan,
+        summary="One-step and few-step text-to-image diffusion, batched.",
         metrics=metrics,
+        lifecycle=lifecycle,
+        manager=manager,
+        batcher=batcher,
+        generation=GenerationService(manager, batcher, lifecycle, settings.request_timeout_s),
+        image_store=image_store,
     )
-    app.add_middleware(ErrorBoundaryMiddleware, metrics=metrics)
-    app.include_router(images.router)
-    app.include_router(generate.router)
-    app.include_router(health.router)
-    app.include_router(playground.router)
-    if settings.admin_token is not None:
-        app.include_router(admin.router)
-    else:
-        logger.info("admin routes disabled: no admin token configured")
+    app.state.pool = pool
     return app

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import threading
 import time
 from collections import deque
@@ -52,13 +51,12 @@ from flashstep.models.errors import (
 from flashstep.models.outputs import GenerationRequest, GenerationResult, StageTimings
 from flashstep.server.errors import (
     EngineFailure,
-    NonFiniteOutputFailure,
-    OutOfMemoryFailure,
     QueueFullError,
     RequestTimeoutError,
     ServerError,
     ShuttingDownError,
 )
+from flashstep.server.fault_isolation import is_out_of_memory, request_failure, run_isolated
 from flashstep.server.image_encoding import EncodedImage, ImageEncoding
 from flashstep.server.metrics import Metrics
 from flashstep.server.model_manager import LoadedModel, ModelManager
@@ -67,21 +65,6 @@ logger = logging.getLogger("flashstep.server")
 
 # A worker that keeps dying is restarted at most this often when no request arrives to restart it.
 WORKER_RESTART_DELAY_S = 1.0
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for torch's CUDA OOM, or any error whose message says the device ran out of memory."""
-    torch = sys.modules.get("torch")  # no import: an OOM can only come from a torch already loaded
-    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return "out of memory" in str(exc).lower()
-
-
-def empty_device_cache() -> None:
-    """Hand cached, unused device memory back after an OOM, so a smaller retry can fit."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _run_engine(engine, group: list[WorkItem]) -> GenerationResult:
@@ -443,81 +426,32 @@ class Batcher:
 
     def _generate(self, handle: LoadedModel, group: list[WorkItem]) -> None:
         """Run `group` in one engine call; on an error, isolate the requests that cause it."""
-        started = time.monotonic()
-        try:
-            result = _run_engine(handle.engine, group)
-            if len(result.images) != len(group):
-                raise RuntimeError(f"engine returned {len(result.images)} images for {len(group)} requests")
-        except NonFiniteOutputError as exc:
-            if not self._serve_finite(handle, group, exc, started):
-                self._isolate(handle, group, exc)
-            return
-        except Exception as exc:
-            self._isolate(handle, group, exc)
-            return
-        self._deliver(handle, group, result, started, range(len(group)))
 
-    def _serve_finite(self, handle: LoadedModel, group: list[WorkItem], exc: NonFiniteOutputError, started: float) -> bool:
-        """Fail the non-finite images' requests and serve the others from the same call.
+        def failed_call(exc: Exception, size: int) -> None:
+            if is_out_of_memory(exc):
+                self.metrics.out_of_memory.labels(handle.name).inc()
+            if not isinstance(exc, FlashstepError):
+                self.metrics.batch_failures.labels(handle.name).inc()
+            if size > 1:
+                logger.warning("batch failed: model=%s serial=%d size=%d", handle.name, handle.serial, size)
 
-        False when `exc` carries no usable result (then the batch is split like any failure).
-        """
-        result = exc.result
-        bad = set(exc.indices)
-        if not isinstance(result, GenerationResult) or len(result.images) != len(group) or not bad:
-            return False
-        if not bad <= set(range(len(group))):
-            return False
-        for i in sorted(bad):
-            self._fail_alone(handle, group[i], exc)
-        self._deliver(handle, group, result, started, [i for i in range(len(group)) if i not in bad])
-        return True
-
-    def _isolate(self, handle: LoadedModel, group: list[WorkItem], exc: Exception) -> None:
-        """Split a failed batch in halves and run each again, so a request fails only by itself.
-
-        A batch with one bad request costs about 2 log2(n) extra engine calls; requests that
-        succeed in a half never run twice.
-        """
-        if is_out_of_memory(exc):
-            self.metrics.out_of_memory.labels(handle.name).inc()
-            empty_device_cache()
-        if not isinstance(exc, FlashstepError):
-            self.metrics.batch_failures.labels(handle.name).inc()
-        if len(group) == 1:
-            self._fail_alone(handle, group[0], exc)
-            return
-        logger.warning(
-            "batch failed, retrying its halves: model=%s serial=%d size=%d error=%s",
-            handle.name, handle.serial, len(group), type(exc).__name__,
-        )  # fmt: skip
-        middle = len(group) // 2
-        self._generate(handle, group[:middle])
-        self._generate(handle, group[middle:])
+        run_isolated(
+            group,
+            lambda items: _run_engine(handle.engine, items),
+            lambda items, result, served, started: self._deliver(handle, items, result, started, served),
+            lambda item, exc: self._fail_alone(handle, item, exc),
+            on_error=failed_call,
+        )
 
     def _fail_alone(self, handle: LoadedModel, item: WorkItem, exc: Exception) -> None:
         """Fail one request with the HTTP error its failure means; the exception itself stays in the log."""
         if isinstance(exc, NonFiniteOutputError):
             self.metrics.non_finite_outputs.labels(handle.name).inc()
-            error: Exception = NonFiniteOutputFailure(
-                f"the model produced an image with NaN or Inf values for this request (seed {item.request.seed}); "
-                "it was not returned"
-            )
-        elif isinstance(exc, FlashstepError):  # e.g. InvalidRequestError found late: the client's fault (4xx)
-            error = exc
-        elif isinstance(exc, ServerError):  # e.g. its worker process died and no other could take it (503)
-            error = exc
         elif is_out_of_memory(exc):
             logger.warning("out of memory for a single request: model=%s serial=%d", handle.name, handle.serial)
-            retry = self._retry_after()
-            error = OutOfMemoryFailure(
-                f"the device ran out of memory for this request; retry after {retry} s",
-                headers={"Retry-After": str(retry)},
-            )
-        else:
-            logger.error("request failed alone: model=%s serial=%d", handle.name, handle.serial, exc_info=exc)
-            error = EngineFailure("the model failed while generating this request; other requests are unaffected")
-        item.future.set_exception(error)
+        elif not isinstance(exc, (FlashstepError, ServerError)):
+            logger.error("request failed alone: model=%s serial=%d", handle.name, handle.serial)
+        item.future.set_exception(request_failure(exc, seed=item.request.seed, retry_after_s=self._retry_after()))
 
     def _deliver(
         self, handle: LoadedModel, group: list[WorkItem], result: GenerationResult, started: float, served

@@ -87,6 +87,22 @@ async def encode_images(outcomes: list[ImageOutcome], encoding: ImageEncoding) -
     return await run_in_threadpool(lambda: [image_bytes(o.image, encoding) for o in outcomes])
 
 
+def refuse_when_not_serving(lifecycle: Lifecycle, has_models: bool) -> None:
+    """503 (with Retry-After when waiting helps) while shutting down, or while no model serves."""
+    phase = lifecycle.phase
+    if phase is Phase.SHUTTING_DOWN:
+        raise ShuttingDownError("the server is shutting down and takes no new requests")
+    if has_models:
+        return
+    retry = {"Retry-After": str(NO_MODEL_RETRY_AFTER_S)}
+    if phase in (Phase.STARTING, Phase.LOADING):
+        raise NotReadyError("models are still loading; retry shortly", headers=retry)
+    if phase is Phase.FAILED:
+        raise NotReadyError("no model is serving: start-up loading failed (see GET /readyz)", headers=retry)
+    # Ready, but every model was unloaded: a condition of the server, not a wrong model name.
+    raise NotReadyError("no model is loaded; an operator can load one with POST /admin/models", headers=retry)
+
+
 class GenerationService:
     """Turns validated API requests into images through the model manager and the batcher."""
 
@@ -112,7 +128,7 @@ class GenerationService:
         them there; `check(engine)` runs first, for route-level checks against the model (e.g.
         `size`); `field_names` renames engine fields in validation errors to the route's names.
         """
-        self._refuse_when_not_serving()
+        refuse_when_not_serving(self.lifecycle, bool(self.manager.names()))
         names = {**API_FIELD_NAMES, **(field_names or {})}
         futures = await run_in_threadpool(self._submit, model, requests, encoding or ImageEncoding(), check, names)
         return await self._wait(futures, http_request)
@@ -125,20 +141,6 @@ class GenerationService:
                 return sum(handle.engine.count_tokens(text) for text in texts)
 
         return await run_in_threadpool(count)
-
-    def _refuse_when_not_serving(self) -> None:
-        phase = self.lifecycle.phase
-        if phase is Phase.SHUTTING_DOWN:
-            raise ShuttingDownError("the server is shutting down and takes no new requests")
-        if self.manager.names():
-            return
-        retry = {"Retry-After": str(NO_MODEL_RETRY_AFTER_S)}
-        if phase in (Phase.STARTING, Phase.LOADING):
-            raise NotReadyError("models are still loading; retry shortly", headers=retry)
-        if phase is Phase.FAILED:
-            raise NotReadyError("no model is serving: start-up loading failed (see GET /readyz)", headers=retry)
-        # Ready, but every model was unloaded: a condition of the server, not a wrong model name.
-        raise NotReadyError("no model is loaded; an operator can load one with POST /admin/models", headers=retry)
 
     def _submit(self, model, requests, encoding, check, names):
         with self.manager.lease(model) as handle:

@@ -39,6 +39,7 @@ from flashstep.models.contract import EngineProtocol
 from flashstep.models.errors import ForbiddenPathError, ModelNotFoundError
 from flashstep.server.allocator import mapped_while_loading
 from flashstep.server.errors import ModelConflictError
+from flashstep.server.fault_isolation import empty_device_cache
 from flashstep.server.metrics import Metrics
 
 logger = logging.getLogger("flashstep.server")
@@ -288,14 +289,5 @@ class ModelManager:
             gc.unfreeze()  # the engine's objects were frozen with the rest at load
             gc.collect()
             gc.freeze()
-            _empty_device_cache()
+            empty_device_cache()
         logger.info("engine closed: name=%s serial=%d", handle.name, handle.serial)
-
-
-def _empty_device_cache() -> None:
-    try:
-        import torch
-    except ImportError:
-        return
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -104,7 +104,7 @@ def test_a_request_error_found_late_is_that_requests_4xx_only(fake_server):
 
 def test_out_of_memory_alone_is_a_503_with_retry_after_and_frees_the_cache(fake_server, monkeypatch):
     freed = []
-    monkeypatch.setattr("flashstep.server.batcher.empty_device_cache", lambda: freed.append(1))
+    monkeypatch.setattr("flashstep.server.fault_isolation.empty_device_cache", lambda: freed.append(1))
     oom_before = metric_value(fake_server.url, "flashstep_out_of_memory_total", model="fake")
     responses = run_as_one_batch(fake_server, "fake", bodies_with(OOM))
     assert responses[1].status_code == 503 and int(responses[1].headers["Retry-After"]) >= 1
