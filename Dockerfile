@@ -32,7 +32,9 @@ COPY models/ models/
 COPY kernels/ kernels/
 COPY training/ training/
 COPY bench/ bench/
-RUN python -m pip install . \
+# FLASHSTEP_EXTRAS=ray adds Ray Serve (`flashstep serve --ray`, deploy/kuberay/rayservice.yaml).
+ARG FLASHSTEP_EXTRAS=""
+RUN python -m pip install ".${FLASHSTEP_EXTRAS:+[$FLASHSTEP_EXTRAS]}" \
     && python -c "import flashstep.server.app, torch; print('flashstep on torch', torch.__version__)"
 
 # 2. A non-root user, and the models root seeded with the shipped models.

@@ -41,6 +41,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--device", help="torch device, e.g. cuda:0 (default: CUDA when available, else CPU)")
     add("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype (default: per device)")
     add("--warmup", action=argparse.BooleanOptionalAction, default=None, help="warm each model before ready")
+    add("--image-store-dir", type=Path, help="folder of the url image store, shared by every process or replica using it (default: memory)")
     add("--public-url", help="scheme://host[:port][/prefix] that image urls start with (default: forwarded or bind address)")
     add("--graceful-shutdown-s", type=float, help="on SIGTERM, time in-flight requests get (default 60)")
     add("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
@@ -116,6 +117,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())  # uvicorn's loggers write through these handlers too
 
+    if settings.ray:
+        from flashstep.server.ray_serve import serve_ray  # imports ray: only for --ray
+
+        return serve_ray(settings)
     allocator.configure(settings.malloc_mmap_threshold_bytes)  # before any model's weights are allocated
     from flashstep.server.app import create_app  # after logging is set up; pulls in torch
 

@@ -100,5 +100,5 @@ async def swap_model(name: str, body: SwapModelRequest, manager: ManagerDep) -> 
 
 @router.put("/default", response_model=AdminModelList, summary="Set the default model", responses=error_responses(404))
 async def set_default(body: SetDefaultRequest, manager: ManagerDep) -> AdminModelList:
-    manager.set_default(body.model)
+    await run_in_threadpool(manager.set_default, body.model)  # a Ray Serve manager saves it to the cluster
     return await list_models(manager)
