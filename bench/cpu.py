@@ -4,7 +4,8 @@
     flashstep bench cpu --quick         # a few minutes, fewer calls and requests: a smoke run of the whole set
 
 Runs bench/latency.py (every shipped model), bench/load.py (flashstep and its peers on the one-step
-checkpoint) and bench/sd15_cpu.py (SD1.5-size stages) one after another, so the ratios in
+checkpoint), bench/ray_scaling.py (Ray Serve at 1 and 2 replicas beside the native server) and
+bench/sd15_cpu.py (SD1.5-size stages) one after another, so the ratios in
 bench/results/cpu.json are measured side by side in one run on one machine. Each part writes its own
 JSON and PNG too. Torch threads default to half the cores (at least one): in the load part the load
 generator needs a core of its own, and every part uses the same number so figures compare.
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from flashstep.bench import latency, load, sd15_cpu
+from flashstep.bench import latency, load, ray_scaling, sd15_cpu
 from flashstep.bench.report import RESULTS_DIR, markdown_table, new_report, print_table, write_report
 from flashstep.bench.servers import Runtime
 
@@ -29,6 +30,8 @@ RATIO_KEYS = (
     "throughput_ratio_vs_naive",
     "throughput_ratio_vs_litserve",
     "p99_ratio_vs_litserve",
+    "ray_scaling_2_vs_1",
+    "ray_overhead_ratio",
 )
 
 
@@ -64,13 +67,19 @@ def run(*, threads: int, quick: bool = False, out_dir: Path = RESULTS_DIR, model
     ld = load.run(folder, load.choose_workload(folder, None, None), plan=plan, runtime=Runtime(threads=threads), out_dir=out_dir)
     timings["load_s"] = time.perf_counter() - t0
 
-    # 3. SD1.5 at full size: stage split and the teacher's estimate.
+    # 3. Ray Serve: 2 replicas against 1, and its overhead over the native server at one client.
+    t0 = time.perf_counter()
+    ray_plan = load.LoadPlan(levels=(1, 16), requests={1: 20, 16: 80} if quick else dict(ray_scaling.REQUESTS), warmup=8)
+    ray = ray_scaling.run(folder, plan=ray_plan, runtime=Runtime(threads=threads), out_dir=out_dir)
+    timings["ray_s"] = time.perf_counter() - t0
+
+    # 4. SD1.5 at full size: stage split and the teacher's estimate.
     t0 = time.perf_counter()
     sd = sd15_cpu.run(repeats=1 if quick else 2, out_dir=out_dir)
     timings["sd15_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
-    report = combine(lat, ld, sd, settings={"threads": threads, "quick": quick}, timings=timings)
+    report = combine(lat, ld, ray, sd, settings={"threads": threads, "quick": quick}, timings=timings)
     print_table(summary_rows(report), SUMMARY_COLUMNS, title="\nflashstep CPU benchmark summary")
     path = write_report(report, out_dir / "cpu.json")
     print(f"wrote {path}")
@@ -80,20 +89,22 @@ def run(*, threads: int, quick: bool = False, out_dir: Path = RESULTS_DIR, model
     return report
 
 
-def combine(lat: dict, ld: dict, sd: dict, *, settings: dict, timings: dict) -> dict:
-    """One cpu.json from the three parts' reports: the ratio keys on top, the parts inside."""
-    report = new_report("cpu", {**settings, "parts": ["latency", "load", "sd15_cpu"]})
-    report |= {key: lat["figures"].get(key, ld["figures"].get(key)) for key in RATIO_KEYS}
-    report["zero_errors"] = ld["figures"]["zero_errors"]
-    report["targets"] = {**lat["targets"], **ld["targets"]}
-    report["targets_met"] = {**lat["targets_met"], **ld["targets_met"]}
+def combine(lat: dict, ld: dict, ray: dict, sd: dict, *, settings: dict, timings: dict) -> dict:
+    """One cpu.json from the four parts' reports: the ratio keys on top, the parts inside."""
+    report = new_report("cpu", {**settings, "parts": ["latency", "load", "ray_scaling", "sd15_cpu"]})
+    parts = (lat["figures"], ld["figures"], ray["figures"])
+    report |= {key: next((p[key] for p in parts if key in p), None) for key in RATIO_KEYS}
+    report["zero_errors"] = ld["figures"]["zero_errors"] and ray["figures"]["zero_errors"]
+    report["targets"] = {**lat["targets"], **ld["targets"], **ray["targets"]}
+    report["targets_met"] = {**lat["targets_met"], **ld["targets_met"], **ray["targets_met"]}
+    report["targets_met"]["zero_errors"] = report["zero_errors"]
     report["sd15_cpu"] = {
         k: sd["figures"][k]
         for k in ("stages_median_s", "one_step_s", "one_step_tiny_decoder_s", "teacher_cfg_s", "teacher_cfg_label",
                   "one_step_speedup_vs_teacher_estimated", "one_step_tiny_speedup_vs_teacher_estimated")
     }  # fmt: skip
     report["timings"] = timings
-    report["parts"] = {"latency": lat, "load": ld, "sd15_cpu": sd}
+    report["parts"] = {"latency": lat, "load": ld, "ray_scaling": ray, "sd15_cpu": sd}
     return report
 
 
@@ -114,7 +125,7 @@ def summary_rows(report: dict) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    """The run as README-ready markdown: summary, latency, load and SD1.5 tables, the three plots."""
+    """The run as README-ready markdown: summary, latency, load, Ray and SD1.5 tables, the plots."""
     m, parts = report["machine"], report["parts"]
     lat, ld, sd = parts["latency"]["figures"], parts["load"], parts["sd15_cpu"]["figures"]
     load_rows = ld["figures"]["levels"] + ([ld["figures"]["in_process"]] if ld["figures"]["in_process"] else [])
@@ -146,12 +157,17 @@ def markdown(report: dict) -> str:
         "",
         markdown_table(load_rows, load.TABLE_COLUMNS),
         "",
+        "Ray Serve beside the native server (same checkpoint and batching, one torch thread per replica or worker):",
+        "",
+        markdown_table(parts["ray_scaling"]["figures"]["levels"], load.TABLE_COLUMNS),
+        "",
         "SD1.5 size (random weights, public configs), CPU float32, 512 px, seconds:",
         "",
         markdown_table(sd_rows, [("stage", "stage", ""), ("median_s", "seconds", ".3f")]),
         "",
         "![latency vs batch size](bench/results/latency.png)",
         "![throughput and p99 vs concurrency](bench/results/load.png)",
+        "![Ray Serve throughput by replica count](bench/results/ray_scaling.png)",
         "![SD1.5 stages on the CPU](bench/results/sd15_cpu.png)",
         "",
     ]

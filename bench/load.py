@@ -4,8 +4,10 @@
     flashstep bench load --model shapes-swiftbrush --levels 1,4,16,64
 
 Servers, one at a time, each a subprocess on 127.0.0.1 (bench/servers.py) loading the same folder:
-flashstep (`python -m flashstep.server`, batches of `--max-batch-size` with `--max-wait-ms`), the FastAPI
-per-request peer, and LitServe batching with the same two settings (bench/peers). Each is warmed up,
+flashstep-workers (`python -m flashstep.server` as it runs by default, inference in an engine worker
+process, batches of `--max-batch-size` with `--max-wait-ms`), the FastAPI per-request peer, and
+LitServe batching with the same two settings (bench/peers); on request also flashstep-in-process
+(`--workers 0`) and flashstep-ray (`--ray`, one replica). Each is warmed up,
 then swept over the concurrency levels with a closed loop: `concurrency` asyncio workers share one
 httpx.AsyncClient and each sends its next request as soon as its last one is answered, until the
 level's request count is reached or its time cap passes (requests in flight then finish, bounded by
@@ -59,7 +61,9 @@ from flashstep.bench.workload import PNG_MAGIC, Workload
 LEVELS = (1, 4, 16, 64)
 REQUESTS_PER_LEVEL = {1: 40, 4: 80, 16: 160, 64: 192}
 COMPARE_AT = 16
-SERVERS = ("flashstep", "fastapi-per-request", "litserve")
+SERVERS = ("flashstep-workers", "flashstep-in-process", "flashstep-ray", "fastapi-per-request", "litserve")
+DEFAULT_SERVERS = ("flashstep-workers", "fastapi-per-request", "litserve")
+FLASHSTEP = "flashstep-workers"  # the server as `flashstep serve` runs by default: the ratios are its
 DEFAULT_MODELS = ("shapes-swiftbrush", "shapes-teacher")
 # The throughput targets, read against this run's figures (never asserted in tests)
 TARGETS = {
@@ -171,7 +175,7 @@ def measure_server(name: str, url: str, path: str, workload: Workload, plan: Loa
     index += plan.warmup
     rows = []
     for concurrency in plan.levels:
-        before = flashstep_batches(url) if name == "flashstep" else None
+        before = flashstep_batches(url) if name.startswith("flashstep") else None
         row = asyncio.run(
             run_level(url, path, workload, concurrency, plan.requests_at(concurrency), plan.time_cap_s, index, plan.request_timeout_s)
         )
@@ -233,7 +237,7 @@ def ratios(rows: list[dict], in_process: dict | None, compare_at: int) -> dict:
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
 
-    fs1, fsc = _level(rows, "flashstep", 1), _level(rows, "flashstep", compare_at)
+    fs1, fsc = _level(rows, FLASHSTEP, 1), _level(rows, FLASHSTEP, compare_at)
     naive, lit = _level(rows, "fastapi-per-request", compare_at), _level(rows, "litserve", compare_at)
 
     def get(row: dict | None, key: str) -> float | None:
@@ -326,7 +330,7 @@ def run(
     plan: LoadPlan | None = None,
     batch: BatchSettings | None = None,
     runtime: Runtime | None = None,
-    servers: tuple[str, ...] = SERVERS,
+    servers: tuple[str, ...] = DEFAULT_SERVERS,
     in_process: bool = True,
     compare_at: int = COMPARE_AT,
     name: str = "load",
@@ -353,7 +357,9 @@ def run(
     report = new_report(name, settings, device=runtime.device)
     log_dir = Path(tempfile.gettempdir()) / "flashstep-bench" / name  # server logs, for failures
     specs = {
-        "flashstep": lambda: flashstep_spec(folder, batch, runtime),
+        "flashstep-workers": lambda: flashstep_spec(folder, batch, runtime),
+        "flashstep-in-process": lambda: flashstep_spec(folder, batch, runtime, workers=0),
+        "flashstep-ray": lambda: flashstep_spec(folder, batch, runtime, ray_replicas=1),
         "fastapi-per-request": lambda: fastapi_spec(folder, runtime),
         "litserve": lambda: litserve_spec(folder, batch, runtime),
     }
@@ -407,7 +413,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--time-cap-s", type=float, default=LoadPlan.time_cap_s, help="longest one concurrency level may run, in seconds")
     add("--warmup", type=int, default=LoadPlan.warmup, help="untimed requests per server")
     add("--in-process-requests", type=int, default=LoadPlan.in_process_requests, help="requests of the in-process pipeline floor")
-    add("--servers", default=",".join(SERVERS), help="comma-separated, among " + ", ".join(SERVERS))
+    add("--servers", default=",".join(DEFAULT_SERVERS), help="comma-separated, among " + ", ".join(SERVERS))
     add("--no-in-process", action="store_true", help="skip the in-process pipeline floor")
     add("--compare-at", type=int, default=COMPARE_AT, help="concurrency of the throughput and p99 ratios")
     add("--max-batch-size", type=int, default=BatchSettings.max_batch_size, help="most images per forward pass, every server")

@@ -81,8 +81,15 @@ def _flashstep_ready(response: httpx.Response) -> bool:
     return response.status_code == 200 and body.get("status") == "ready"
 
 
-def flashstep_spec(folder: Path, batch: BatchSettings, runtime: Runtime) -> ServerSpec:
-    """`python -m flashstep.server` (= `flashstep serve`) serving only `folder`, batching as `batch` says."""
+def flashstep_spec(
+    folder: Path, batch: BatchSettings, runtime: Runtime, *, workers: int | None = None, ray_replicas: int | None = None
+) -> ServerSpec:
+    """`python -m flashstep.server` (= `flashstep serve`) serving only `folder`, batching as `batch` says.
+
+    workers: engine worker processes (None: the server's default; 0: inference in the HTTP process),
+        each with `runtime.threads` torch threads. ray_replicas: serve on Ray Serve with that many
+        engine replicas (a local cluster of as many CPUs as the machine has) instead.
+    """
     port = free_port()
     argv = [
         sys.executable, "-m", "flashstep.server", "--host", "127.0.0.1", "--port", str(port),
@@ -90,7 +97,19 @@ def flashstep_spec(folder: Path, batch: BatchSettings, runtime: Runtime) -> Serv
         "--max-batch-size", str(batch.max_batch_size), "--max-wait-ms", str(batch.max_wait_ms),
         "--device", runtime.device, "--dtype", runtime.dtype, "--log-level", "warning",
     ]  # fmt: skip
-    return ServerSpec("flashstep", argv, port, _flashstep_ready, "/readyz", env=_thread_env(runtime))
+    if ray_replicas is not None:
+        name = "flashstep-ray"
+        argv += ["--ray", "--replicas", str(ray_replicas)]
+        if runtime.threads:
+            argv += ["--cpus-per-replica", str(runtime.threads)]
+    elif workers == 0:
+        name = "flashstep-in-process"
+        argv += ["--workers", "0"]
+    else:
+        name = "flashstep-workers"
+        argv += [] if workers is None else ["--workers", str(workers)]
+        argv += ["--worker-threads", str(runtime.threads)] if runtime.threads else []
+    return ServerSpec(name, argv, port, _flashstep_ready, "/readyz", env=_thread_env(runtime))
 
 
 def _peer_argv(module: str, folder: Path, port: int, runtime: Runtime) -> list[str]:

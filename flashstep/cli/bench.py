@@ -15,6 +15,7 @@ BENCH_COMMANDS = {
     "cpu": ("flashstep.bench.cpu", "the whole CPU set (make bench): latency, load, sd15; bench/results/cpu.json"),
     "latency": ("flashstep.bench.latency", "in-process latency of every shipped model x steps x batch size"),
     "load": ("flashstep.bench.load", "HTTP load on flashstep and its peers (FastAPI per request, LitServe, in-process)"),
+    "ray": ("flashstep.bench.ray_scaling", "Ray Serve throughput at 1 and 2 replicas and its overhead over the native server"),
     "sd15": ("flashstep.bench.sd15_cpu", "SD1.5-size random-weight stages on the CPU at 512 px"),
     "soak": ("flashstep.bench.soak", "minutes of mixed valid and hostile HTTP traffic with hot swaps; answers and RSS"),
     "gpu": ("flashstep.bench.gpu", "SD1.5-size fp16 scenarios per attention backend (needs CUDA; see bench/gpu.sh)"),

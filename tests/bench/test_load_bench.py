@@ -37,8 +37,8 @@ def test_the_default_workload_is_one_step_without_cfg(bench_models):
 
 def test_ratios_compare_flashstep_with_each_peer_at_the_chosen_concurrency():
     rows = [
-        {"server": "flashstep", "concurrency": 1, "p50_s": 0.11, "throughput_rps": 9.0, "p99_s": 0.2, "errors": 0},
-        {"server": "flashstep", "concurrency": 16, "p50_s": 0.3, "throughput_rps": 60.0, "p99_s": 0.4, "errors": 0},
+        {"server": "flashstep-workers", "concurrency": 1, "p50_s": 0.11, "throughput_rps": 9.0, "p99_s": 0.2, "errors": 0},
+        {"server": "flashstep-workers", "concurrency": 16, "p50_s": 0.3, "throughput_rps": 60.0, "p99_s": 0.4, "errors": 0},
         {"server": "fastapi-per-request", "concurrency": 16, "throughput_rps": 12.0, "p99_s": 1.6, "errors": 2},
         {"server": "litserve", "concurrency": 16, "throughput_rps": 40.0, "p99_s": 0.5, "errors": 0},
     ]
@@ -63,7 +63,7 @@ def test_sweep_of_flashstep_and_its_peers_has_zero_errors_and_every_ratio_key(lo
     figures = saved["figures"]
     assert figures["zero_errors"] is True and report["figures"]["zero_errors"] is True
     servers = {(r["server"], r["concurrency"]) for r in figures["levels"]}
-    assert servers == {(s, c) for s in load.SERVERS for c in (1, 2)}
+    assert servers == {(s, c) for s in load.DEFAULT_SERVERS for c in (1, 2)}
     assert all(r["ok"] == r["requests"] > 0 and r["errors"] == 0 for r in figures["levels"])
     assert figures["in_process"]["requests"] == 3
     for key in RATIO_KEYS:
