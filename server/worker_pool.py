@@ -12,9 +12,10 @@ beside the model. Every worker holds every loaded model: a load or swap runs on 
 after another, so while one loads the others keep serving.
 
 A worker that dies (killed, crashed, out of host memory) is found by the thread waiting on it
-(within `POLL_S`) or by the monitor (idle workers); its batch fails with `WorkerLostError`, which
-the batcher treats like any failed batch: split and run again on the live workers, so admitted
-requests are served, or answered 503 when no worker can take them in time. The dead worker is
+(within `POLL_S`) or by its pipe's reader; its batch runs once more on another worker, and if
+that worker dies too it fails with `WorkerLostError`, which the batcher treats like any failed
+batch: split and run again, so admitted requests are served, or answered 503 when no worker can
+take them in time. The dead worker is
 replaced by a new process that loads every model the pool holds before it takes work.
 """
 
@@ -27,7 +28,9 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -76,7 +79,12 @@ class NoWorkerError(ServerError):
 
 
 class _Worker:
-    """One worker process and the pipe to it; used by one thread at a time (the borrower)."""
+    """One worker process and the pipe to it.
+
+    Calls are numbered: a reader thread hands each reply to the call waiting for it, so a model
+    can load in the worker (in a thread there) while batches keep running on it. Batches
+    themselves are exclusive: the pool lends a worker to one batch at a time (`state` busy).
+    """
 
     def __init__(self, index: int):
         self.index = index
@@ -86,7 +94,11 @@ class _Worker:
         self.state = "starting"  # starting | idle | busy | dead | stopped
         self.serials: set[int] = set()  # engines this process holds
         self.restarts = 0
-        self.wanted = 0  # admin commands waiting for it: batches leave it alone meanwhile
+        self._pending: dict[int, Future] = {}
+        self._calls = itertools.count(1)
+        self._lock = threading.Lock()  # guards conn, generation, _pending, _closed and sending on conn
+        self._closed = True
+        self.generation = 0  # one per process started: replies and losses of an older one are ignored
 
     @property
     def name(self) -> str:
@@ -95,17 +107,59 @@ class _Worker:
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
 
+    def attach(self, conn, on_lost: Callable[[_Worker], None]) -> None:
+        """Start reading replies from a freshly started process's pipe."""
+        with self._lock:
+            self.generation += 1
+            self.conn, self._closed, self._pending = conn, False, {}
+            generation = self.generation
+        threading.Thread(
+            target=self._read, args=(conn, generation, on_lost), name=f"flashstep-{self.name}-replies", daemon=True
+        ).start()
+
+    def _read(self, conn, generation: int, on_lost: Callable[[_Worker], None]) -> None:
+        while True:
+            try:
+                call_id, status, payload = conn.recv()
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                future = self._pending.pop(call_id, None)
+            if future is not None:
+                future.set_result((status, payload))
+        with self._lock:  # the process is gone (or was told to stop): nothing more will answer
+            if generation != self.generation:
+                return  # the pipe of a process already replaced
+            self._closed = True
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            future.set_exception(EOFError(f"{self.name} closed its pipe"))
+        on_lost(self)
+
     def call(self, command: Any, timeout_s: float | None = None) -> Any:
-        """Send `command`, wait for the reply; raise what the worker raised, or WorkerLostError."""
+        """Send `command`, wait for its reply; raise what the worker raised, or WorkerLostError."""
+        future: Future = Future()
         try:
-            self.conn.send(command)
+            with self._lock:
+                if self._closed:
+                    raise EOFError(f"{self.name} is not running")
+                call_id = next(self._calls)
+                self._pending[call_id] = future
+                self.conn.send((call_id, command))
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            while not self.conn.poll(POLL_S):
-                if not self.alive():
-                    raise EOFError
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.name} did not answer {type(command).__name__} within {timeout_s:g} s")
-            status, payload = self.conn.recv()
+            while True:
+                try:
+                    status, payload = future.result(timeout=POLL_S)
+                    break
+                except FutureTimeout:
+                    if not self.alive():
+                        raise EOFError(f"{self.name} exited") from None
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"{self.name} did not answer {type(command).__name__} within {timeout_s:g} s"
+                        ) from None
+        except TimeoutError:
+            raise  # alive but slow: not a lost worker (TimeoutError is an OSError)
         except (EOFError, OSError) as exc:
             raise WorkerLostError(
                 f"the worker process running this request died ({self.name}); retry",
@@ -114,6 +168,15 @@ class _Worker:
         if status == "fault":
             raise payload.rebuild() if isinstance(payload, Fault) else RuntimeError(str(payload))
         return payload
+
+    def stop(self) -> None:
+        """Ask the process to exit once its current work is done."""
+        with self._lock:
+            if self.conn is not None and not self._closed:
+                try:
+                    self.conn.send(None)
+                except OSError:
+                    pass
 
 
 class WorkerPool:
@@ -139,10 +202,9 @@ class WorkerPool:
 
     def start(self) -> None:
         """Spawn every worker and wait until each answers (they import torch in parallel)."""
-        for worker in self._workers:
-            self._spawn(worker)
-        for worker in self._workers:
-            self._await_ready(worker)
+        pipes = [self._spawn(worker) for worker in self._workers]
+        for worker, conn in zip(self._workers, pipes, strict=True):
+            self._await_ready(worker, conn)
             with self._cond:
                 worker.state = "idle"
                 self._cond.notify_all()
@@ -156,11 +218,7 @@ class WorkerPool:
             self._stopping = True
             self._cond.notify_all()
         for worker in self._workers:
-            if worker.conn is not None:
-                try:
-                    worker.conn.send(None)
-                except OSError:
-                    pass
+            worker.stop()
         deadline = time.monotonic() + timeout_s
         for worker in self._workers:
             if worker.process is None:
@@ -223,8 +281,16 @@ class WorkerPool:
     def generate(
         self, serial: int, requests: list[GenerationRequest], encodings: list[ImageEncoding]
     ) -> GenerateReply:
+        """One batch on an idle worker; a batch whose worker died under it runs once more on another
+        (a request fails with WorkerLostError only when that happens twice)."""
+        command = GenerateCommand(serial, requests, encodings)
+        try:
+            with self._borrow() as worker:
+                return worker.call(command)
+        except WorkerLostError:
+            logger.warning("a worker died under a batch of %d; running it again on another", len(requests))
         with self._borrow() as worker:
-            return worker.call(GenerateCommand(serial, requests, encodings))
+            return worker.call(command)
 
     # ----- borrowing -----
 
@@ -234,7 +300,7 @@ class WorkerPool:
         deadline = time.monotonic() + self.acquire_timeout_s
         with self._cond:
             while True:
-                idle = [w for w in self._workers if w.state == "idle" and not w.wanted]
+                idle = [w for w in self._workers if w.state == "idle"]
                 if idle:
                     worker = idle[0]
                     worker.state = "busy"
@@ -258,38 +324,26 @@ class WorkerPool:
             self._release(worker)
 
     def _run_on(self, worker: _Worker, command: Any, *, only_if_held: int | None = None) -> Any:
-        """Run an admin command on one given worker, waiting while it runs a batch (then it goes
-        next, before any batch).
+        """Run an admin command on one given worker, beside the batches it runs (a load runs in a
+        thread of the worker, so a single worker keeps serving while it loads).
 
         A worker that is starting or dead is skipped (None): its restart loads whatever `_specs`
         holds then. `only_if_held`: skip a worker that does not hold that serial.
         """
         serial = getattr(command, "serial", None)
         with self._cond:
-            # Under load a worker is busy nearly always: claim it, so no batch takes it once it frees.
-            worker.wanted += 1
-            try:
-                while worker.state == "busy":
-                    self._cond.wait()
-            finally:
-                worker.wanted -= 1
-            if worker.state != "idle":
+            if worker.state not in ("idle", "busy"):
                 return None
             if isinstance(command, LoadCommand) and serial in worker.serials:
                 return None
             if only_if_held is not None and only_if_held not in worker.serials:
                 return None
-            worker.state = "busy"
         try:
             result = worker.call(command, timeout_s=START_TIMEOUT_S)
         except WorkerLostError:
             self._lost(worker)
             raise
-        except BaseException:
-            self._release(worker)
-            raise
         self._record(worker, command, result)
-        self._release(worker)
         return result
 
     def _record(self, worker: _Worker, command: Any, result: Any) -> None:
@@ -321,17 +375,23 @@ class WorkerPool:
     # ----- death and restart -----
 
     def _lost(self, worker: _Worker) -> None:
+        """A serving worker's process died: mark it and start its replacement (once per death).
+
+        A starting worker is its restart's business: a failure there retries the restart.
+        """
         with self._cond:
-            if worker.state == "dead" or self._stopping:
+            if worker.state not in ("idle", "busy") or self._stopping:
                 return
             worker.state = "dead"
             worker.serials.clear()
             self._cond.notify_all()
+        if worker.alive():  # its pipe broke but the process lingers: it can never answer again
+            worker.process.kill()
         logger.error("engine worker died: %s pid=%s exitcode=%s", worker.name, worker.pid, _exitcode(worker))
         threading.Thread(target=self._restart, args=(worker,), name=f"flashstep-restart-{worker.name}", daemon=True).start()
 
     def _watch(self) -> None:
-        """Find workers that died while idle (nobody was waiting on them)."""
+        """Find workers that died while nobody waited on them (their pipe's reader notices too)."""
         while True:
             with self._cond:
                 if self._stopping:
@@ -349,8 +409,7 @@ class WorkerPool:
             if worker.process is not None:
                 worker.process.join(timeout=1.0)
             try:
-                self._spawn(worker)
-                self._await_ready(worker)
+                self._await_ready(worker, self._spawn(worker))
                 self._replay(worker)
             except Exception:
                 logger.exception("engine worker restart failed: %s attempt=%d", worker.name, attempt + 1)
@@ -381,7 +440,8 @@ class WorkerPool:
             for command in missing:
                 self._record(worker, command, worker.call(command, timeout_s=START_TIMEOUT_S))
 
-    def _spawn(self, worker: _Worker) -> None:
+    def _spawn(self, worker: _Worker):
+        """Start `worker`'s process; returns the parent's end of its pipe (read by `_await_ready`)."""
         parent, child = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=worker_main, args=(child, worker.index, self.options), name=f"flashstep-{worker.name}", daemon=True
@@ -389,20 +449,22 @@ class WorkerPool:
         process.start()
         child.close()  # the parent keeps only its end: the worker's death closes the pipe
         with self._cond:
-            worker.process, worker.conn, worker.pid = process, parent, process.pid
+            worker.process, worker.pid = process, process.pid
             worker.state = "starting"
             worker.serials = set()
+        return parent
 
-    def _await_ready(self, worker: _Worker) -> None:
+    def _await_ready(self, worker: _Worker, conn) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not worker.conn.poll(POLL_S):
+        while not conn.poll(POLL_S):
             if not worker.process.is_alive():
                 raise RuntimeError(f"{worker.name} exited with {worker.process.exitcode} while starting")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{worker.name} did not start within {START_TIMEOUT_S:g} s")
-        status, pid = worker.conn.recv()
+        _, status, pid = conn.recv()
         if status != "ready":
             raise RuntimeError(f"{worker.name} answered {status!r} instead of ready")
+        worker.attach(conn, self._lost)
 
 
 def _exitcode(worker: _Worker) -> int | None:

@@ -2,8 +2,9 @@
 
 Started by `WorkerPool` (server/worker_pool.py) with multiprocessing's spawn method: a fresh
 interpreter, so no lock or CUDA context of the HTTP process is inherited. It answers one command
-at a time over its pipe (server/worker_protocol.py); the pool sends a command only to an idle
-worker, so the loop never needs a second thread.
+at a time over its pipe (server/worker_protocol.py), except that a model loads in a thread of
+its own: the pool lends the worker to one batch at a time, and batches keep running while a new
+model loads beside them.
 
 Signals: SIGINT and SIGTERM are ignored. A Ctrl-C or a `kill` of the process group reaches the
 workers too, but stopping is the HTTP process's decision: it drains the queue through the
@@ -17,6 +18,7 @@ import gc
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -153,24 +155,42 @@ def worker_main(conn, index: int, options: WorkerOptions) -> None:
     if options.threads:
         torch.set_num_threads(options.threads)
     worker = _Worker(index, options)
-    conn.send(("ready", os.getpid()))
-    while True:
+    send_lock = threading.Lock()  # replies come from this thread and from loading threads
+
+    def answer(call_id: int, command: Any) -> None:
         try:
-            command = conn.recv()
-        except (EOFError, OSError):  # the HTTP process is gone
-            break
-        if command is None:
-            break
-        try:
-            reply = ("ok", worker.handle(command))
+            reply = (call_id, "ok", worker.handle(command))
         except Exception as exc:
             logger.exception("command failed: worker=%s command=%s", worker.name, type(command).__name__)
             if "out of memory" in str(exc).lower() and torch.cuda.is_available():
                 torch.cuda.empty_cache()  # this process holds the cache: the smaller retry must fit here
-            reply = ("fault", Fault.capture(exc))
+            reply = (call_id, "fault", Fault.capture(exc))
         try:
-            conn.send(reply)
+            with send_lock:
+                conn.send(reply)
         except (BrokenPipeError, OSError):
+            pass  # the HTTP process is gone; the loop ends at the next receive
+
+    conn.send((0, "ready", os.getpid()))
+    loading: list[threading.Thread] = []
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the HTTP process is gone
             break
+        if message is None:
+            break
+        call_id, command = message
+        if isinstance(command, LoadCommand):
+            # Loading and warming take seconds on a real checkpoint: in a thread, so the batches
+            # of the models already held keep running meanwhile (a hot swap with one worker).
+            thread = threading.Thread(target=answer, args=(call_id, command), name=f"load-{command.name}", daemon=True)
+            thread.start()
+            loading.append(thread)
+            loading = [t for t in loading if t.is_alive()]
+        else:
+            answer(call_id, command)
+    for thread in loading:
+        thread.join(timeout=60)
     for serial in list(worker.engines):
         worker.close(serial)

@@ -6,7 +6,8 @@
     CloseCommand(serial)                        ->  close the engine          -> None
     None                                        ->  exit
 
-Every reply is `("ok", payload)` or `("fault", Fault)`. A fault carries an exception across the
+Commands travel as `(call id, command)`; every reply is `(call id, "ok", payload)` or
+`(call id, "fault", Fault)`, so a load answered from a thread of the worker finds its caller. A fault carries an exception across the
 process boundary by class name and attributes, because flashstep's exceptions take keyword
 arguments that pickle's default reconstruction would drop (`InvalidRequestError(field, message)`);
 only classes of `flashstep.models.errors` and `flashstep.server.errors` are rebuilt as themselves,
