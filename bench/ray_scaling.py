@@ -42,15 +42,6 @@ def ratios(rows: list[dict], top: int) -> dict:
     return {"compare_concurrency": top, "ray_scaling_2_vs_1": scaling, "ray_overhead_ratio": overhead}
 
 
-def targets_met(figures: dict) -> dict:
-    met = {}
-    for key, (op, bound) in TARGETS.items():
-        value = figures.get(key)
-        met[key] = None if value is None else (value <= bound if op == "<=" else value >= bound)
-    met["zero_errors"] = figures["zero_errors"]
-    return met
-
-
 def plot(rows: list[dict], path: Path, title: str) -> bool:
     """Throughput against concurrency for each server, and against replica count at the top level."""
     plt = pyplot()
@@ -117,7 +108,7 @@ def run(
                "zero_errors": not any(errors.values())}  # fmt: skip
     report["figures"] = figures
     report["targets"] = {k: f"{op} {bound:g}" for k, (op, bound) in TARGETS.items()} | {"zero_errors": "true"}
-    report["targets_met"] = targets_met(figures)
+    report["targets_met"] = load.targets_met(figures, TARGETS)
     print_table(rows, load.TABLE_COLUMNS, title=f"\nRay Serve scaling on {folder.name}")
     for key in TARGETS:
         value = figures[key]
