@@ -9,7 +9,7 @@
 
 HTTP parsing, validation and the batcher never wait on the model's GIL, and image encoding runs
 beside the model. Every worker holds every loaded model: a load or swap runs on the workers one
-after another, so while one loads the others keep serving.
+after another, each loading in a thread of its own while its batches keep running.
 
 A worker that dies (killed, crashed, out of host memory) is found by the thread waiting on it
 (within `POLL_S`) or by its pipe's reader; its batch runs once more on another worker, and if
