@@ -268,7 +268,7 @@ class WorkerPool:
         return RemoteEngine(self, serial, spec)
 
     def close_engine(self, serial: int) -> None:
-        """Free `serial` on every worker (waits for each to finish its current batch)."""
+        """Free `serial` on every worker that holds it (each does so after the batch it is running)."""
         with self._cond:
             self._specs.pop(serial, None)
             self._engine_specs.pop(serial, None)
