@@ -103,7 +103,12 @@ class FlashstepEngine:
             warmup=settings.warmup,
         )
         self._run_batch.set_max_batch_size(settings.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(settings.max_wait_ms / 1000.0)
+        # @serve.batch waits its whole timeout after a batch's first call, even into an idle
+        # replica. As the native batcher does, a call into an idle replica runs at once (0 s), and
+        # only while a batch runs do the next ones wait `max_wait_ms` for batch-mates.
+        self._max_wait_s = settings.max_wait_ms / 1000.0
+        self._running_batches = 0
+        self._run_batch.set_batch_wait_timeout_s(0.0)
         self.config: EngineUserConfig | None = None
         self.swap_error: RemoteError | None = None
         self._reconfiguring = asyncio.Lock()
@@ -225,7 +230,14 @@ class FlashstepEngine:
     @serve.batch(max_batch_size=DEFAULT_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def _run_batch(self, items: list[_Item]) -> list[Reply]:
         """The calls @serve.batch gathered; the device work runs in a thread, off the event loop."""
-        return await asyncio.to_thread(self._execute, items)
+        self._running_batches += 1  # the event loop's thread only: no lock
+        self._run_batch.set_batch_wait_timeout_s(self._max_wait_s)
+        try:
+            return await asyncio.to_thread(self._execute, items)
+        finally:
+            self._running_batches -= 1
+            if self._running_batches == 0:
+                self._run_batch.set_batch_wait_timeout_s(0.0)
 
     # ----- in a worker thread -----
 
