@@ -28,7 +28,7 @@ from flashstep.models.outputs import GenerationRequest
 from flashstep.models.validation import MAX_SEED
 from flashstep.server.batcher import Batcher, ImageOutcome
 from flashstep.server.errors import NotReadyError, RequestTimeoutError, ServerError, ShuttingDownError
-from flashstep.server.image_encoding import EncodedImage, ImageEncoding, image_bytes
+from flashstep.server.image_encoding import EncodedImage, ImageEncoding, encode_image
 from flashstep.server.lifecycle import Lifecycle, Phase
 from flashstep.server.model_manager import ModelManager
 from flashstep.server.schemas import GenerationOptions
@@ -81,10 +81,11 @@ def build_requests(prompt: str, options: GenerationOptions, n: int, **size: int 
 
 
 async def encode_images(outcomes: list[ImageOutcome], encoding: ImageEncoding) -> list[bytes]:
-    """Each outcome's bytes; images encoded where they were made (a worker process) are not touched again."""
-    if all(isinstance(o.image, EncodedImage) and o.image.encoding == encoding for o in outcomes):
+    """Each outcome's bytes. Images a worker process or replica made arrive encoded as the request
+    asked (its encoding travelled with it); PIL images from an in-process engine are encoded here."""
+    if all(isinstance(o.image, EncodedImage) for o in outcomes):
         return [o.image.data for o in outcomes]
-    return await run_in_threadpool(lambda: [image_bytes(o.image, encoding) for o in outcomes])
+    return await run_in_threadpool(lambda: [encode_image(o.image, encoding) for o in outcomes])
 
 
 def refuse_when_not_serving(lifecycle: Lifecycle, has_models: bool) -> None:

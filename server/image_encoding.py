@@ -57,13 +57,3 @@ def encode_image(image: Image.Image, encoding: ImageEncoding) -> bytes:
 def encoded(image: Image.Image, encoding: ImageEncoding) -> EncodedImage:
     """`image` encoded, with its size kept for the response."""
     return EncodedImage(encode_image(image, encoding), encoding, image.size)
-
-
-def image_bytes(image: Image.Image | EncodedImage, encoding: ImageEncoding) -> bytes:
-    """The bytes of `image` as `encoding` says, encoding it only if that was not done where it was made."""
-    if isinstance(image, EncodedImage) and image.encoding == encoding:
-        return image.data
-    if isinstance(image, EncodedImage):  # made for another encoding: decode and encode again
-        with Image.open(io.BytesIO(image.data)) as decoded:
-            return encode_image(decoded.convert("RGB"), encoding)
-    return encode_image(image, encoding)

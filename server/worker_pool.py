@@ -58,7 +58,6 @@ POLL_S = 0.1  # how often a waiting thread checks that its worker still lives
 START_TIMEOUT_S = 300.0  # a spawned worker imports torch before it answers
 STOP_GRACE_S = 10.0
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10)  # between failed restarts of one worker
-MONITOR_INTERVAL_S = 0.5
 RETRY_AFTER_S = 5
 
 
@@ -196,7 +195,6 @@ class WorkerPool:
         self._engine_specs: dict[int, EngineSpec] = {}  # what the first worker to load each reported
         self._serials = itertools.count(1)
         self._stopping = False
-        self._monitor: threading.Thread | None = None
 
     # ----- life -----
 
@@ -208,8 +206,6 @@ class WorkerPool:
             with self._cond:
                 worker.state = "idle"
                 self._cond.notify_all()
-        self._monitor = threading.Thread(target=self._watch, name="flashstep-worker-monitor", daemon=True)
-        self._monitor.start()
         logger.info("engine workers started: %s", ", ".join(f"{w.name}=pid {w.pid}" for w in self._workers))
 
     def stop(self, timeout_s: float = STOP_GRACE_S) -> None:
@@ -390,17 +386,6 @@ class WorkerPool:
         logger.error("engine worker died: %s pid=%s exitcode=%s", worker.name, worker.pid, _exitcode(worker))
         threading.Thread(target=self._restart, args=(worker,), name=f"flashstep-restart-{worker.name}", daemon=True).start()
 
-    def _watch(self) -> None:
-        """Find workers that died while nobody waited on them (their pipe's reader notices too)."""
-        while True:
-            with self._cond:
-                if self._stopping:
-                    return
-                gone = [w for w in self._workers if w.state == "idle" and not w.alive()]
-            for worker in gone:
-                self._lost(worker)
-            time.sleep(MONITOR_INTERVAL_S)
-
     def _restart(self, worker: _Worker) -> None:
         for attempt in itertools.count():
             with self._cond:
@@ -498,7 +483,6 @@ class RemoteEngine:
         self._memory_bytes = spec.memory_bytes
         self.tokens = TokenCounter(spec.tokenizers)
         self.limits = replace(spec.limits, count_tokens=self.tokens.count)
-        self.max_prompt_tokens = spec.limits.max_prompt_tokens
 
     def validate(self, request: GenerationRequest) -> GenerationRequest:
         return validate_request(request, self.limits)
